@@ -1,0 +1,1 @@
+"""PyTorch interest model: data loading, the LSTM, training, evaluation and baselines."""

@@ -1,0 +1,1 @@
+"""The Faust stream worker and everything around it: settings, records, state, publishing, CLI."""
