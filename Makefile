@@ -1,0 +1,59 @@
+# interest-stream: the two commands are `make demo` and `make test`; both set everything up first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-deps services-up services-down demo test test-fast lint format model bench clean
+
+setup: $(STAMP)
+
+# apt packages the tests and the demo need (redis-server); skipped when already there.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (apt)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; fi; }
+
+# torch first and pinned: 2.13.0 is the CPU build on disk here; a bare `torch` would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | system-deps
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+	@echo "ready: $(BIN)/interest-stream"
+
+services-up: setup
+	$(BIN)/interest-stream services up
+
+services-down:
+	@test -x $(BIN)/interest-stream && $(BIN)/interest-stream services down || true
+
+demo: setup
+	$(BIN)/interest-stream demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# everything but the fault suite (for a quick loop while developing)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not faults"
+
+model: setup
+	$(BIN)/python -c "from export.onnx_export import build_default_model as b; print(b())"
+
+bench: setup
+	$(BIN)/interest-stream bench --out artifacts/bench
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: services-down
+	rm -rf .run artifacts .pytest_cache .ruff_cache

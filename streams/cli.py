@@ -1,0 +1,69 @@
+"""The ``interest-stream`` command: one entry point, a subcommand per job.
+
+    interest-stream --help
+
+Each subcommand lives in the module that owns the concept and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``lookup`` does not load torch.
+Errors meant for a user (``InterestStreamError``) print as one line and exit 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from models.errors import InterestStreamError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("models.train", "train the interest LSTM on a real data set and evaluate it against baselines"),
+    "export": ("export.onnx_export", "export a checkpoint to the single-step ONNX graph and check parity"),
+    "worker": ("streams.worker", "run the Faust stream worker"),
+    "replay": ("streams.replay", "produce a data set (or synthetic load) into the input topic"),
+    "lookup": ("streams.lookup", "print a user's interest distribution from Redis"),
+    "verify": ("streams.verify", "replay the log offline through the model and compare with Redis"),
+    "bench": ("streams.bench", "benchmark the worker against ceilings and a naive design"),
+    "demo": ("streams.demo", "services, model, worker and replay on ML-100K, with live distributions"),
+    "services": ("streams.services", "start/stop the local broker and Redis"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="interest-stream", description="Real-time user-interest distributions from click streams."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help / usage error and exits
+        return 2
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    sub = argparse.ArgumentParser(prog=f"interest-stream {name}", description=help_text)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        print(f"interest-stream {name}: not available ({exc.name} is missing)", file=sys.stderr)
+        return 2
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except InterestStreamError as exc:
+        print(f"interest-stream {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interest-stream {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

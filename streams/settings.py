@@ -1,0 +1,155 @@
+"""Settings: one typed object read from environment variables prefixed ``INTEREST_``.
+
+Every field is listed, with its default, in the README's "Settings" table; ``tests/streams/test_settings.py`` checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_KAFKA_PORT = 19092
+LOCAL_REDIS_PORT = 16379
+DEFAULT_MODEL_PATH = Path("artifacts/models/movielens-100k/model.onnx")
+
+
+class Settings(BaseSettings):
+    """Everything the worker, the producer tools and the lookup read; env prefix ``INTEREST_``."""
+
+    model_config = SettingsConfigDict(env_prefix="INTEREST_", extra="ignore", frozen=True)
+
+    # --- Kafka -------------------------------------------------------------------------------------------------
+    kafka_bootstrap: str = f"127.0.0.1:{LOCAL_KAFKA_PORT}"
+    """Comma-separated broker addresses (host:port)."""
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """Kafka security protocol."""
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    """SASL mechanism when the protocol is SASL_*."""
+    kafka_sasl_username: str | None = None
+    """SASL user name."""
+    kafka_sasl_password: SecretStr | None = None
+    """SASL password (never logged)."""
+    kafka_ssl_cafile: Path | None = None
+    """CA bundle that signed the brokers' certificates (SSL, SASL_SSL)."""
+    kafka_ssl_certfile: Path | None = None
+    """Client certificate for mutual TLS."""
+    kafka_ssl_keyfile: Path | None = None
+    """Client private key for mutual TLS."""
+    app_id: str = "interest-stream"
+    """Faust app id = consumer group id."""
+    input_topic: str = "clicks"
+    """Topic the click events arrive on (JSON, keyed by user id)."""
+    output_topic: str = "interests"
+    """Topic one refreshed distribution per applied event goes to (JSON, keyed by user id)."""
+    dlq_topic: str = "clicks-dlq"
+    """Dead-letter topic: original bytes of invalid events, reason in headers."""
+    rekey_topic: str = "clicks-rekeyed"
+    """Internal topic that events keyed by something other than their user id are re-keyed through."""
+    partitions: int = Field(8, ge=1, le=1024)
+    """Partitions of the topics the worker creates (input, re-key, output, DLQ)."""
+    max_batch: int = Field(2000, ge=1, le=100_000)
+    """Largest batch of events stepped together (``stream.take(max_batch, ...)``)."""
+    max_latency_ms: float = Field(50.0, gt=0, le=60_000)
+    """Longest a partial batch waits before it is processed (``within=``)."""
+    session_timeout_s: float = Field(10.0, gt=0)
+    """Consumer group session timeout; a dead worker's partitions move after about this long."""
+    commit_interval_s: float = Field(1.0, gt=0)
+    """How often processed offsets are committed."""
+
+    # --- Redis -------------------------------------------------------------------------------------------------
+    redis_url: str = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"
+    """Redis URL; ``rediss://`` for TLS. A password here is masked in every log line."""
+    redis_username: str | None = None
+    """Redis ACL user (overrides the URL's)."""
+    redis_password: SecretStr | None = None
+    """Redis password (overrides the URL's; never logged)."""
+    redis_ssl_ca_certs: Path | None = None
+    """CA bundle for ``rediss://``."""
+    redis_prefix: str = "interest:"
+    """Prefix of the per-user keys: ``<prefix><user_id>``."""
+    redis_ttl_s: int = Field(0, ge=0)
+    """Expire a user's key this many seconds after its last update; 0 keeps keys forever."""
+    redis_retry_max_s: float = Field(30.0, gt=0)
+    """Longest pause between retries while Redis is unreachable (the worker retries forever, backing off)."""
+
+    # --- Model -------------------------------------------------------------------------------------------------
+    model_path: Path = DEFAULT_MODEL_PATH
+    """The exported single-step ONNX model."""
+    catalog_path: Path | None = None
+    """Item catalog CSV (``item_id,categories``); default: ``catalog.csv`` beside the model."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """ONNX Runtime device: ``auto`` uses CUDA when a GPU really is there."""
+    ort_threads: int = Field(1, ge=0)
+    """ONNX Runtime intra-op threads (0 = ORT's default)."""
+
+    # --- Behaviour ---------------------------------------------------------------------------------------------
+    top_n: int = Field(5, ge=1, le=100)
+    """How many top categories are published beside the full distribution."""
+    max_event_bytes: int = Field(4096, ge=64)
+    """Events larger than this are dead-lettered unread."""
+    max_user_id_len: int = Field(128, ge=1, le=1024)
+    """Longest accepted user id (ids are also restricted to ``[A-Za-z0-9._@-]``)."""
+    max_categories: int = Field(32, ge=1)
+    """Most categories one event may carry."""
+    max_future_s: float = Field(86_400.0, ge=0)
+    """Events stamped further than this into the future are dead-lettered."""
+    dedup_window: int = Field(32, ge=0, le=1024)
+    """Per user, fingerprints of this many recent events are kept to drop producer re-sends."""
+    cache_size: int = Field(200_000, ge=0)
+    """Users whose state is cached in the worker process (dropped on partition revocation)."""
+
+    # --- Operations --------------------------------------------------------------------------------------------
+    metrics_port: int = Field(9108, ge=0, le=65535)
+    """Prometheus metrics HTTP port (0 disables)."""
+    web_port: int = Field(6066, ge=0, le=65535)
+    """Faust's own web server port (stats); 0 disables."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    log_format: Literal["json", "text"] = "text"
+    """``json`` for one JSON object per log line."""
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _prefix_is_safe(cls, v: str) -> str:
+        if any(ch in v for ch in "*?[]{} \r\n\t") or len(v) > 64:
+            raise ValueError("redis_prefix must be <= 64 chars without glob, brace or whitespace characters")
+        return v
+
+    @property
+    def catalog(self) -> Path:
+        """The catalog file to use."""
+        return self.catalog_path or self.model_path.with_name("catalog.csv")
+
+    def redacted(self) -> dict[str, object]:
+        """The settings as a dict safe to log: secrets masked, credentials stripped from URLs."""
+        out: dict[str, object] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***" if value.get_secret_value() else ""
+            elif name == "redis_url":
+                value = redact_url(str(value))
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment; keyword overrides win (used by the CLI and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,103 @@
+"""Session fixtures: a real broker and a real Redis for the whole test session, fresh names for every test.
+
+Services come from the environment when ``INTEREST_TEST_KAFKA`` / ``INTEREST_TEST_REDIS`` are set (e.g. Apache Kafka
+and Redis from docker-compose); otherwise Tansu and redis-server are started here on free ports and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from streams.services import free_port, start_broker, start_redis
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(run_dir: Path) -> Iterator[str]:
+    """host:port of a real Kafka-protocol broker."""
+    if os.environ.get("INTEREST_TEST_KAFKA"):
+        yield os.environ["INTEREST_TEST_KAFKA"]
+        return
+    svc = start_broker(port=free_port(), run_dir=run_dir)
+    yield svc.address
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(run_dir: Path) -> Iterator[str]:
+    """URL of a real Redis server (persistence off)."""
+    if os.environ.get("INTEREST_TEST_REDIS"):
+        yield os.environ["INTEREST_TEST_REDIS"]
+        return
+    svc = start_redis(port=free_port(), run_dir=run_dir)
+    yield f"redis://{svc.address}/0"
+    svc.stop()
+
+
+@dataclass(frozen=True)
+class Names:
+    """Per-test topic names, consumer group and Redis key prefix, so tests never see each other's data."""
+
+    suffix: str
+
+    @property
+    def input_topic(self) -> str:
+        return f"clicks-{self.suffix}"
+
+    @property
+    def output_topic(self) -> str:
+        return f"interests-{self.suffix}"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"clicks-dlq-{self.suffix}"
+
+    @property
+    def rekey_topic(self) -> str:
+        return f"clicks-rekeyed-{self.suffix}"
+
+    @property
+    def app_id(self) -> str:
+        return f"interest-stream-{self.suffix}"
+
+    @property
+    def redis_prefix(self) -> str:
+        return f"t{self.suffix}:"
+
+    def worker_env(self, kafka_bootstrap: str, redis_url: str) -> dict[str, str]:
+        """INTEREST_* variables pointing a worker (or any tool) at this test's names."""
+        return {
+            "INTEREST_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "INTEREST_REDIS_URL": redis_url,
+            "INTEREST_INPUT_TOPIC": self.input_topic,
+            "INTEREST_OUTPUT_TOPIC": self.output_topic,
+            "INTEREST_DLQ_TOPIC": self.dlq_topic,
+            "INTEREST_REKEY_TOPIC": self.rekey_topic,
+            "INTEREST_APP_ID": self.app_id,
+            "INTEREST_REDIS_PREFIX": self.redis_prefix,
+        }
+
+
+@pytest.fixture
+def names() -> Names:
+    return Names(uuid.uuid4().hex[:10])
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.exists():
+        pytest.fail(f"real data sets not found at {DATA} (expected ../shared/data beside the repo)")
+    return DATA
