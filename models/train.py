@@ -1,0 +1,281 @@
+"""Train the interest model on an event log, evaluate it against baselines and write the report.
+
+    interest-stream train --dataset movielens-100k --data ../shared/data/ml-100k --out artifacts/models/movielens-100k
+    python -m models.train --dataset taobao --data ../shared/data/taobao-userbehavior-sample --out artifacts/models/taobao
+    python -m models.train --dataset csv --data events.csv --items items.csv --out artifacts/models/csv
+
+Writes into --out: model.pt (checkpoint), report.json, report.md, learning_curves.png, users.png.
+Deterministic for a given --seed (and thread count). Early stopping on validation cross-entropy; the test
+split is only evaluated once, at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.baselines import run_baselines
+from models.checkpoint import save_checkpoint
+from models.data import DATASETS, load_dataset
+from models.errors import ConfigError
+from models.metrics import METRICS, evaluate
+from models.model import PROB_EPS, InterestModel, ModelConfig
+from models.sequences import SPLITS, UserSequences, build_sequences, split_bounds
+from models.vocab import build_vocabulary
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 40  # upper bound; early stopping usually ends sooner
+    patience: int = 6  # epochs without validation improvement before stopping
+    batch_users: int = 32  # users per gradient step (their train prefixes, padded)
+    lr: float = 3e-3
+    weight_decay: float = 1e-4  # AdamW
+    grad_clip: float = 1.0
+    top_k: int = 100  # category vocabulary cut: top-K by frequency plus "other"
+    threads: int = 2  # torch intra-op threads
+    eval_batch: int = 256  # users per evaluation forward
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, required=True)
+    parser.add_argument("--data", required=True, help="data folder or events file (see models/data.py)")
+    parser.add_argument("--items", help="items CSV (item_id,categories) for --dataset csv")
+    parser.add_argument("--out", required=True, help="output folder for model.pt and the report")
+    tc, mc = TrainConfig(), ModelConfig()
+    for f in fields(TrainConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(tc, f.name)), default=None)
+    for name in ("hidden_size", "action_dim", "dropout"):
+        parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(mc, name)), default=None)
+    parser.add_argument("--no-memory", action="store_true", help="plain LSTM head (ablation)")
+    parser.add_argument("--no-drift", action="store_true", help="no time-gap drift of the state (ablation)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
+    tc = TrainConfig(
+        **{f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
+    )
+    mc = {n: v for n in ("hidden_size", "action_dim", "dropout") if (v := getattr(args, n, None)) is not None}
+    if getattr(args, "no_memory", False):
+        mc["memory"] = False
+    if getattr(args, "no_drift", False):
+        mc["state_drift"] = False
+    if tc.epochs < 1 or tc.batch_users < 1 or tc.lr <= 0:
+        raise ConfigError("--epochs and --batch-users must be >= 1 and --lr > 0")
+    return tc, mc
+
+
+# -- batching -------------------------------------------------------------------------------------------
+def train_batches(seqs: UserSequences, batch_users: int, rng: np.random.Generator):
+    """Yield (x (B, L, F), y (B, L+1, K), mask (B, L+1)) over users' train prefixes.
+
+    A user with n events contributes targets j = 0 .. floor(0.8 n) - 1: j >= 1 are the protocol's train
+    targets, j = 0 (predicted from the initial state) trains the cold-start prior.
+    """
+    lens = np.array([split_bounds(len(x))[0] for x in seqs.x])  # number of targets per user
+    users = np.flatnonzero(lens >= 1)
+    users = users[np.argsort(lens[users] + rng.random(len(users)), kind="stable")]
+    batches = [users[i : i + batch_users] for i in range(0, len(users), batch_users)]
+    for bi in rng.permutation(len(batches)):
+        idx = batches[bi]
+        n_t = lens[idx]
+        length = int(n_t.max()) - 1  # inputs: events 0 .. n_t - 2
+        x = np.zeros((len(idx), max(length, 0), seqs.x[0].shape[1]), np.float32)
+        y = np.zeros((len(idx), length + 1, seqs.k), np.float32)
+        mask = np.zeros((len(idx), length + 1), np.float32)
+        for r, (u, t) in enumerate(zip(idx, n_t, strict=True)):
+            x[r, : t - 1] = seqs.x[u][: t - 1]
+            y[r, :t] = seqs.y(u)[:t]
+            mask[r, :t] = 1.0
+        yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
+
+
+@torch.no_grad()
+def predict(model: InterestModel, seqs: UserSequences, batch: int = 256) -> list[np.ndarray]:
+    """Per user (n, K): row j is the prediction for event j from events 0..j-1 (row 0 = prior)."""
+    model.eval()
+    order = np.argsort([-len(x) for x in seqs.x], kind="stable")
+    out: list[np.ndarray | None] = [None] * len(seqs.x)
+    for i in range(0, len(order), batch):
+        idx = order[i : i + batch]
+        length = len(seqs.x[idx[0]]) - 1
+        x = np.zeros((len(idx), length, seqs.x[0].shape[1]), np.float32)
+        for r, u in enumerate(idx):
+            n = len(seqs.x[u])
+            x[r, : n - 1] = seqs.x[u][: n - 1]
+        p = model(torch.from_numpy(x)).numpy()
+        for r, u in enumerate(idx):
+            out[u] = p[r, : len(seqs.x[u])]
+    return out  # type: ignore[return-value]
+
+
+def masked_ce(p: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ce = -(y * torch.log(p.clamp_min(PROB_EPS))).sum(-1)  # (B, L+1)
+    return (ce * mask).sum() / mask.sum()
+
+
+def fit(
+    model: InterestModel, seqs: UserSequences, tc: TrainConfig, progress: bool = True
+) -> tuple[list[dict], int]:
+    """Train with AdamW and early stopping on validation ce; restores the best epoch's weights."""
+    rng = np.random.default_rng(tc.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs, eta_min=tc.lr / 20)
+    history: list[dict] = []
+    best = (math.inf, 0, {k: v.clone() for k, v in model.state_dict().items()})
+    bar = tqdm(range(1, tc.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        t0, tot, n = time.perf_counter(), 0.0, 0.0
+        for x, y, mask in train_batches(seqs, tc.batch_users, rng):
+            loss = masked_ce(model(x), y, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            tot += loss.item() * float(mask.sum())
+            n += float(mask.sum())
+        sched.step()
+        val = evaluate(*seqs.gather(predict(model, seqs, tc.eval_batch), "val"))
+        history.append({"epoch": epoch, "train_loss": tot / n, "val_ce": val["ce"], "val_top3_mass": val["top3_mass"],
+                        "seconds": time.perf_counter() - t0})  # fmt: skip
+        bar.set_postfix(loss=f"{tot / n:.4f}", val_ce=f"{val['ce']:.4f}", top3=f"{val['top3_mass']:.4f}")
+        if val["ce"] < best[0] - 1e-5:
+            best = (val["ce"], epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        elif epoch - best[1] >= tc.patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    return history, best[1]
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def write_plots(out: Path, history: list[dict], seqs: UserSequences, preds: list[np.ndarray], cats: list[str],
+                dec_val_ce: float) -> list[str]:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ep, [h["train_loss"] for h in history], label="train loss (ce)")
+    ax.plot(ep, [h["val_ce"] for h in history], label="validation ce")
+    ax.axhline(dec_val_ce, ls="--", c="grey", label="decayed histogram (val)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.legend()
+    ax.set_title("learning curves")
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=100)
+    plt.close(fig)
+
+    test = seqs.targets("test")
+    users = sorted(range(len(test)), key=lambda u: -len(test[u]))[:4]
+    k = min(len(cats), 20)
+    fig, axes = plt.subplots(len(users), 1, figsize=(9, 2.4 * len(users)), squeeze=False)
+    for ax, u in zip(axes[:, 0], users, strict=True):
+        p = preds[u][test[u]].mean(axis=0)
+        y = seqs.y(u)[test[u]].mean(axis=0)
+        top = np.argsort(-(p + y), kind="stable")[:k]
+        pos = np.arange(len(top))
+        ax.bar(pos - 0.2, p[top], 0.4, label="predicted (mean over test targets)")
+        ax.bar(pos + 0.2, y[top], 0.4, label="actual (test events)")
+        ax.set_xticks(pos, [cats[i][:12] for i in top], rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"user {seqs.users[u]} ({len(test[u])} test events)", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "users.png", dpi=100)
+    plt.close(fig)
+    return ["learning_curves.png", "users.png"]
+
+
+def write_markdown(out: Path, report: dict) -> None:
+    lines = [f"# Interest model report: {report['dataset']['dataset']}", "",
+             f"model version `{report['version']}`, best epoch {report['best_epoch']} of {len(report['history'])}, "
+             f"training {report['train_seconds']:.0f} s", ""]  # fmt: skip
+    for split in ("test", "val"):
+        lines += [f"## {split} ({report['targets'][split]} targets)", "",
+                  "| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+        for name, m in report[split].items():
+            lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in METRICS) + " |")
+        lines.append("")
+    lines += ["## Baseline parameters (tuned on validation)", "", "```", json.dumps(report["baselines"]), "```", "",
+              "## Configuration", "", "```", json.dumps({"model": report["model_config"],
+              "train": report["train_config"]}, indent=1), "```", "", "![](learning_curves.png)", "", "![](users.png)"]  # fmt: skip
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def train(dataset: str, data: str | Path, out: str | Path, items: str | Path | None = None,
+          tc: TrainConfig | None = None, model_overrides: dict | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Load, train, evaluate, write model.pt + report.json/.md + plots into `out`; -> the report dict."""
+    tc = tc or TrainConfig()
+    t_start = time.perf_counter()
+    torch.manual_seed(tc.seed)
+    torch.set_num_threads(tc.threads)
+    ds = load_dataset(dataset, data, items)
+    vocab = build_vocabulary(ds, tc.top_k)
+    seqs = build_sequences(ds, vocab)
+    targets = {s: int(sum(len(t) for t in seqs.targets(s))) for s in SPLITS}
+    if targets["train"] == 0 or targets["val"] == 0:
+        raise ConfigError(
+            f"{dataset}: too few events per user for the 80/10/10 protocol (targets: {targets})"
+        )
+    cfg = ModelConfig(n_categories=seqs.k, n_actions=seqs.n_actions, **(model_overrides or {}))
+    model = InterestModel(cfg)
+    history, best_epoch = fit(model, seqs, tc, progress)
+    train_seconds = time.perf_counter() - t_start
+
+    preds = {"lstm": predict(model, seqs, tc.eval_batch)}
+    base_preds, base_params = run_baselines(seqs)
+    preds.update(base_preds)
+    report: dict = {
+        "dataset": {**ds.summary, "top_k": tc.top_k, "n_output_categories": seqs.k},
+        "targets": targets,
+    }
+    for split in ("test", "val"):
+        report[split] = {name: evaluate(*seqs.gather(p, split)) for name, p in preds.items()}
+    report.update({"baselines": base_params, "model_config": cfg.to_dict(), "train_config": asdict(tc),
+                   "best_epoch": best_epoch, "history": history, "train_seconds": train_seconds,
+                   "prior": [float(v) for v in model.prior()], "categories": vocab.categories})  # fmt: skip
+    lstm, dec = report["test"]["lstm"], report["test"]["decayed_histogram"]
+    report["beats_decayed_histogram"] = lstm["ce"] < dec["ce"] and lstm["top3_mass"] > dec["top3_mass"]
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = save_checkpoint(out / "model.pt", model, vocab, {
+        "dataset": dataset, "summary": ds.summary, "catalog": ds.catalog, "train_config": asdict(tc),
+        "metrics": {"test": report["test"]["lstm"], "val": report["val"]["lstm"]}})  # fmt: skip
+    report["version"] = ckpt["version"]
+    report["plots"] = write_plots(out, history, seqs, preds["lstm"], vocab.categories,
+                                  report["val"]["decayed_histogram"]["ce"])  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(out, report)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    tc, mc = configs_from_args(args)
+    report = train(args.dataset, args.data, args.out, args.items, tc, mc, progress=not args.quiet)
+    for name, m in report["test"].items():
+        print(f"test {name:18s} " + "  ".join(f"{k}={m[k]:.4f}" for k in METRICS))
+    print(
+        f"model {report['version']} -> {Path(args.out) / 'model.pt'} (training {report['train_seconds']:.0f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    raise SystemExit(run(ap.parse_args()))
