@@ -1,4 +1,4 @@
-"""The interest model: an LSTM over a user's events with a decayed category memory and a learned initial state.
+"""The interest model: an LSTM over a user's events, a decayed category memory, a learned initial state.
 
     python -m models.model   # prints the parameter count of the default config on a dummy batch
 
@@ -11,7 +11,7 @@ One step (event features x, see export/features.py for the layout):
     LSTM:    input = [category vector, action embedding, time features]; the cell math is written out so that
              training, the whole-sequence forward and the exported single step are the same code
     memory:  fast = d_f * fast + y, slow = d_s * slow + y with decays d = sigmoid(w * time features + b)
-Head: p = w_0 softmax(W h_lstm) + w_1 fast / |fast| + w_2 slow / |slow|, with mixture weights w = softmax(V h_lstm)
+Head: p = w_0 softmax(W h_lstm) + w_1 fast / |fast| + w_2 slow / |slow|, mixture weights w = softmax(V h_lstm)
 (a copy mechanism over the user's own history, which the decayed-histogram baseline shows is strong).
 """
 
@@ -133,7 +133,7 @@ class InterestModel(nn.Module):
         return w[:, 0:1] * p + w[:, 1:2] * pf + w[:, 2:3] * ps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole sequences x (B, L, F) -> predictions (B, L + 1, K): [:, j] predicts event j from events < j."""
+        """Sequences x (B, L, F) -> predictions (B, L + 1, K); [:, j] predicts event j from events < j."""
         b, length, _ = x.shape
         h, c = self.initial_state(b)
         hs, cs = [h], [c]

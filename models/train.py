@@ -1,7 +1,9 @@
 """Train the interest model on an event log, evaluate it against baselines and write the report.
 
-    interest-stream train --dataset movielens-100k --data ../shared/data/ml-100k --out artifacts/models/movielens-100k
-    python -m models.train --dataset taobao --data ../shared/data/taobao-userbehavior-sample --out artifacts/models/taobao
+    interest-stream train --dataset movielens-100k --data ../shared/data/ml-100k \
+        --out artifacts/models/movielens-100k
+    python -m models.train --dataset taobao --data ../shared/data/taobao-userbehavior-sample \
+        --out artifacts/models/taobao
     python -m models.train --dataset csv --data events.csv --items items.csv --out artifacts/models/csv
 
 Writes into --out: model.pt (checkpoint), report.json, report.md, learning_curves.png, users.png.
@@ -147,8 +149,8 @@ def fit(
             n += float(mask.sum())
         sched.step()
         val = evaluate(*seqs.gather(predict(model, seqs, tc.eval_batch), "val"))
-        history.append({"epoch": epoch, "train_loss": tot / n, "val_ce": val["ce"], "val_top3_mass": val["top3_mass"],
-                        "seconds": time.perf_counter() - t0})  # fmt: skip
+        row = {"epoch": epoch, "train_loss": tot / n, "val_ce": val["ce"], "val_top3_mass": val["top3_mass"]}
+        history.append({**row, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{tot / n:.4f}", val_ce=f"{val['ce']:.4f}", top3=f"{val['top3_mass']:.4f}")
         if val["ce"] < best[0] - 1e-5:
             best = (val["ce"], epoch, {k: v.clone() for k, v in model.state_dict().items()})
@@ -160,8 +162,14 @@ def fit(
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def write_plots(out: Path, history: list[dict], seqs: UserSequences, preds: list[np.ndarray], cats: list[str],
-                dec_val_ce: float) -> list[str]:  # fmt: skip
+def write_plots(
+    out: Path,
+    history: list[dict],
+    seqs: UserSequences,
+    preds: list[np.ndarray],
+    cats: list[str],
+    dec_val_ce: float,
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,23 +209,53 @@ def write_plots(out: Path, history: list[dict], seqs: UserSequences, preds: list
 
 
 def write_markdown(out: Path, report: dict) -> None:
-    lines = [f"# Interest model report: {report['dataset']['dataset']}", "",
-             f"model version `{report['version']}`, best epoch {report['best_epoch']} of {len(report['history'])}, "
-             f"training {report['train_seconds']:.0f} s", ""]  # fmt: skip
+    lines = [
+        f"# Interest model report: {report['dataset']['dataset']}",
+        "",
+        f"model version `{report['version']}`, best epoch {report['best_epoch']} of {len(report['history'])},"
+        " "
+        f"training {report['train_seconds']:.0f} s",
+        "",
+    ]
     for split in ("test", "val"):
-        lines += [f"## {split} ({report['targets'][split]} targets)", "",
-                  "| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+        lines += [
+            f"## {split} ({report['targets'][split]} targets)",
+            "",
+            "| model | " + " | ".join(METRICS) + " |",
+            "|---" * (len(METRICS) + 1) + "|",
+        ]
         for name, m in report[split].items():
             lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in METRICS) + " |")
         lines.append("")
-    lines += ["## Baseline parameters (tuned on validation)", "", "```", json.dumps(report["baselines"]), "```", "",
-              "## Configuration", "", "```", json.dumps({"model": report["model_config"],
-              "train": report["train_config"]}, indent=1), "```", "", "![](learning_curves.png)", "", "![](users.png)"]  # fmt: skip
+    lines += [
+        "## Baseline parameters (tuned on validation)",
+        "",
+        "```",
+        json.dumps(report["baselines"]),
+        "```",
+        "",
+        "## Configuration",
+        "",
+        "```",
+        json.dumps({"model": report["model_config"], "train": report["train_config"]}, indent=1),
+        "```",
+        "",
+        "![](learning_curves.png)",
+        "",
+        "![](users.png)",
+    ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def train(dataset: str, data: str | Path, out: str | Path, items: str | Path | None = None,
-          tc: TrainConfig | None = None, model_overrides: dict | None = None, progress: bool = True) -> dict:  # fmt: skip
+def train(
+    dataset: str,
+    data: str | Path,
+    out: str | Path,
+    items: str | Path | None = None,
+    tc: TrainConfig | None = None,
+    model_overrides: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Load, train, evaluate, write model.pt + report.json/.md + plots into `out`; -> the report dict."""
     tc = tc or TrainConfig()
     t_start = time.perf_counter()
@@ -245,20 +283,39 @@ def train(dataset: str, data: str | Path, out: str | Path, items: str | Path | N
     }
     for split in ("test", "val"):
         report[split] = {name: evaluate(*seqs.gather(p, split)) for name, p in preds.items()}
-    report.update({"baselines": base_params, "model_config": cfg.to_dict(), "train_config": asdict(tc),
-                   "best_epoch": best_epoch, "history": history, "train_seconds": train_seconds,
-                   "prior": [float(v) for v in model.prior()], "categories": vocab.categories})  # fmt: skip
+    report.update(
+        {
+            "baselines": base_params,
+            "model_config": cfg.to_dict(),
+            "train_config": asdict(tc),
+            "best_epoch": best_epoch,
+            "history": history,
+            "train_seconds": train_seconds,
+            "prior": [float(v) for v in model.prior()],
+            "categories": vocab.categories,
+        }
+    )
     lstm, dec = report["test"]["lstm"], report["test"]["decayed_histogram"]
     report["beats_decayed_histogram"] = lstm["ce"] < dec["ce"] and lstm["top3_mass"] > dec["top3_mass"]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = save_checkpoint(out / "model.pt", model, vocab, {
-        "dataset": dataset, "summary": ds.summary, "catalog": ds.catalog, "train_config": asdict(tc),
-        "metrics": {"test": report["test"]["lstm"], "val": report["val"]["lstm"]}})  # fmt: skip
+    ckpt = save_checkpoint(
+        out / "model.pt",
+        model,
+        vocab,
+        {
+            "dataset": dataset,
+            "summary": ds.summary,
+            "catalog": ds.catalog,
+            "train_config": asdict(tc),
+            "metrics": {"test": report["test"]["lstm"], "val": report["val"]["lstm"]},
+        },
+    )
     report["version"] = ckpt["version"]
-    report["plots"] = write_plots(out, history, seqs, preds["lstm"], vocab.categories,
-                                  report["val"]["decayed_histogram"]["ce"])  # fmt: skip
+    report["plots"] = write_plots(
+        out, history, seqs, preds["lstm"], vocab.categories, report["val"]["decayed_histogram"]["ce"]
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(out, report)
     return report
@@ -269,9 +326,8 @@ def run(args: argparse.Namespace) -> int:
     report = train(args.dataset, args.data, args.out, args.items, tc, mc, progress=not args.quiet)
     for name, m in report["test"].items():
         print(f"test {name:18s} " + "  ".join(f"{k}={m[k]:.4f}" for k in METRICS))
-    print(
-        f"model {report['version']} -> {Path(args.out) / 'model.pt'} (training {report['train_seconds']:.0f} s)"
-    )
+    secs = report["train_seconds"]
+    print(f"model {report['version']} -> {Path(args.out) / 'model.pt'} (training {secs:.0f} s)")
     return 0
 
 
