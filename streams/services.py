@@ -237,7 +237,10 @@ def read_pid_file(path: Path) -> tuple[int, int] | None:
 
 def services_up(run_dir: Path = RUN_DIR) -> None:
     """Bring the local broker and Redis up (idempotent: running ones are left alone)."""
-    for name, start, port in (("broker", start_broker, LOCAL_KAFKA_PORT), ("redis", start_redis, LOCAL_REDIS_PORT)):
+    for name, start, port in (
+        ("broker", start_broker, LOCAL_KAFKA_PORT),
+        ("redis", start_redis, LOCAL_REDIS_PORT),
+    ):
         known = read_pid_file(run_dir / f"{name}.pid")
         if known and pid_alive(known[0]):
             print(f"{name}: already running (pid {known[0]}, 127.0.0.1:{known[1]})")
@@ -266,7 +269,7 @@ def services_status(run_dir: Path = RUN_DIR) -> int:
         known = read_pid_file(run_dir / f"{name}.pid")
         running = bool(known and pid_alive(known[0]))
         ok &= running
-        print(f"{name}: {'running on 127.0.0.1:%d (pid %d)' % (known[1], known[0]) if running else 'stopped'}")
+        print(f"{name}: running on 127.0.0.1:{known[1]} (pid {known[0]})" if running and known else f"{name}: stopped")
     return 0 if ok else 1
 
 

@@ -1,0 +1,82 @@
+"""kafka-python clients from the settings: connection options (SASL/SSL) and topic creation."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from models.errors import ServiceError
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def client_config(settings: Settings) -> dict[str, object]:
+    """Connection options for any kafka-python client (producer, consumer, admin)."""
+    cfg: dict[str, object] = {
+        "bootstrap_servers": [b.strip() for b in settings.kafka_bootstrap.split(",")],
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        cfg["sasl_plain_username"] = settings.kafka_sasl_username
+        cfg["sasl_plain_password"] = (
+            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+        )
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        for name in ("cafile", "certfile", "keyfile"):
+            value = getattr(settings, f"kafka_ssl_{name}")
+            if value:
+                cfg[f"ssl_{name}"] = str(value)
+    return cfg
+
+
+def admin(settings: Settings) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(**client_config(settings), request_timeout_ms=10_000)
+    except KafkaError as exc:
+        raise ServiceError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {type(exc).__name__}") from None
+
+
+def ensure_topics(settings: Settings) -> dict[str, int]:
+    """Create the input, re-key, output and dead-letter topics if missing; return the partition count of each.
+
+    The re-key topic gets as many partitions as the input topic, so a user hashes to the same partition number in
+    both and Faust's assignor gives both to the same worker (co-partitioning).
+    """
+    client = admin(settings)
+    try:
+        existing = _partition_counts(client)
+        wanted_input = existing.get(settings.input_topic, settings.partitions)
+        wanted = {
+            settings.input_topic: wanted_input,
+            settings.rekey_topic: wanted_input,
+            settings.output_topic: settings.partitions,
+            settings.dlq_topic: settings.partitions,
+        }
+        missing = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker created them meanwhile
+                client.create_topics(missing)
+            log.info("created topics: %s", ", ".join(f"{t.name}[{t.num_partitions}]" for t in missing))
+        counts = _partition_counts(client)
+    finally:
+        client.close()
+    if counts.get(settings.rekey_topic) != counts.get(settings.input_topic):
+        raise ServiceError(
+            f"topic {settings.rekey_topic!r} has {counts.get(settings.rekey_topic)} partitions but "
+            f"{settings.input_topic!r} has {counts.get(settings.input_topic)}; they must match (co-partitioning)"
+        )
+    return {t: counts[t] for t in wanted}
+
+
+def _partition_counts(client: KafkaAdminClient) -> dict[str, int]:
+    out = {}
+    for t in client.describe_topics():
+        if not t.get("error_code") and t.get("partitions"):
+            out[t["topic"]] = len(t["partitions"])
+    return out

@@ -1,0 +1,70 @@
+"""Prometheus metrics of the worker, served on ``INTEREST_METRICS_PORT`` at ``/metrics``.
+
+| metric                                   | type      | what                                                 |
+|------------------------------------------|-----------|------------------------------------------------------|
+| `interest_events_in_total`               | counter   | messages taken from the input and re-key topics      |
+| `interest_events_applied_total`          | counter   | events stepped into a user's state                   |
+| `interest_duplicates_skipped_total`      | counter   | redelivered or re-sent events not applied again      |
+| `interest_dead_letters_total{reason}`    | counter   | events sent to the dead-letter topic, by reason      |
+| `interest_rekeyed_total`                 | counter   | events forwarded to the re-key topic                 |
+| `interest_stale_writes_total`            | counter   | writes refused because Redis held a newer state      |
+| `interest_redis_retries_total`           | counter   | Redis operations retried while it was unreachable    |
+| `interest_batch_size`                    | histogram | events per batch                                     |
+| `interest_ort_step_seconds`              | histogram | one ONNX Runtime step call                           |
+| `interest_redis_write_seconds`           | histogram | one batch's Redis pipeline                           |
+| `interest_latency_from_produce_seconds`  | histogram | produce time (Kafka timestamp) -> Redis written      |
+| `interest_latency_from_event_seconds`    | histogram | event time (`ts`) -> Redis written                   |
+| `interest_users_cached`                  | gauge     | user states in the in-process cache                  |
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class Metrics:
+    """The worker's metrics, in their own registry (several workers can live in one test process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.events_in = Counter("interest_events_in", "Messages taken from the input topics", registry=r)
+        self.applied = Counter("interest_events_applied", "Events stepped into a user's state", registry=r)
+        self.duplicates = Counter("interest_duplicates_skipped", "Duplicate events not applied again", registry=r)
+        self.dead_letters = Counter(
+            "interest_dead_letters", "Events sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.rekeyed = Counter("interest_rekeyed", "Events forwarded to the re-key topic", registry=r)
+        self.stale_writes = Counter("interest_stale_writes", "Writes refused: Redis held newer state", registry=r)
+        self.redis_retries = Counter("interest_redis_retries", "Redis operations retried", registry=r)
+        self.batch_size = Histogram(
+            "interest_batch_size",
+            "Events per batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+            registry=r,
+        )
+        self.ort_step_seconds = Histogram(
+            "interest_ort_step_seconds", "ONNX Runtime step call", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.redis_write_seconds = Histogram(
+            "interest_redis_write_seconds", "Redis pipeline per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.latency_produce = Histogram(
+            "interest_latency_from_produce_seconds",
+            "Produce time to Redis written",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency_event = Histogram(
+            "interest_latency_from_event_seconds",
+            "Event time to Redis written",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.users_cached = Gauge("interest_users_cached", "User states in the in-process cache", registry=r)
+
+    def serve(self, port: int) -> None:
+        """Serve ``/metrics`` on 0.0.0.0:port (no-op for port 0)."""
+        if port:
+            start_http_server(port, registry=self.registry)

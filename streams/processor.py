@@ -1,0 +1,257 @@
+"""The batch step at the heart of the worker, free of Faust so that tests, the benchmark and the oracle share it.
+
+One call to :meth:`InterestProcessor.prepare` takes a batch of Kafka messages and
+
+1. decodes and validates each (invalid -> dead letter with a reason; keyed by something other than the user id,
+   or on a partition the user's key does not hash to -> re-key);
+2. loads the states of the batch's users (in-process cache, else one Redis pipeline; none -> cold start from the
+   model's learned initial state);
+3. drops duplicates: an input position at or below the user's last applied one (redelivery), or a fingerprint among
+   the user's recent events (a producer re-send);
+4. steps all users together, in rounds: round r holds every user's r-th event of the batch, so each user's events
+   are applied in order while the ONNX session sees one batched call per round;
+5. builds one output record per applied event and one Redis write per user (its newest state only).
+
+Nothing is written here; :class:`streams.app` publishes the plan, then writes Redis, then lets Faust ack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import orjson
+from aiokafka.partitioner import murmur2
+
+from export.runtime import StepSession
+from streams.events import Click, EventDecoder, Limits, Rejected
+from streams.metrics import Metrics
+from streams.settings import Settings
+from streams.state import StateStore, UserState, UserWrite, encode_state
+
+
+class Message(Protocol):
+    """What the processor reads of a Kafka message (faust's ``Message`` has these attributes)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float  # produce time, epoch seconds
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """A plain message, for callers outside Faust (tests, benchmark)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float = 0.0
+
+
+@dataclass
+class BatchPlan:
+    """Everything one batch leads to; published and written by the caller, in that order."""
+
+    outputs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (user key, InterestUpdate JSON)
+    dead: list[tuple[Message, str, str]] = field(default_factory=list)  # (message, reason, detail)
+    rekey: list[tuple[bytes, Message]] = field(default_factory=list)  # (user key, message)
+    writes: list[UserWrite] = field(default_factory=list)
+    states: dict[str, UserState] = field(default_factory=dict)
+    produce_ts: list[float] = field(default_factory=list)  # per applied event
+    event_ts: list[float] = field(default_factory=list)  # per applied event
+    duplicates: int = 0
+    ort_seconds: float = 0.0
+
+    @property
+    def applied(self) -> int:
+        return len(self.outputs)
+
+
+def default_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as in Java, kafka-python and aiokafka) picks for key."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class InterestProcessor:
+    """Validates, de-duplicates and steps one batch of click messages (see the module docstring)."""
+
+    def __init__(
+        self,
+        session: StepSession,
+        store: StateStore,
+        settings: Settings,
+        catalog: dict[str, tuple[int, ...]],
+        partitions: dict[str, int] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        meta = session.meta
+        self.session = session
+        self.encoder = session.encoder
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.partitions = partitions or {}
+        self.version = meta.version
+        self.categories = list(meta.categories)
+        self.top_n = min(settings.top_n, len(self.categories))
+        self.window_bytes = 8 * settings.dedup_window
+        self.h0 = np.asarray(meta.h0, dtype=np.float32)
+        self.c0 = np.asarray(meta.c0, dtype=np.float32)
+        self.decoder = EventDecoder(
+            catalog,
+            meta.category_index,
+            self.encoder.action_index,
+            Limits(
+                max_event_bytes=settings.max_event_bytes,
+                max_user_id_len=settings.max_user_id_len,
+                max_categories=settings.max_categories,
+                max_future_s=settings.max_future_s,
+            ),
+        )
+        self._home: dict[bytes, int] = {}
+
+    def _misrouted(self, msg: Message, key: bytes) -> bool:
+        """True when a correctly keyed message sits on another partition than its key hashes to."""
+        n = self.partitions.get(msg.topic)
+        if not n:
+            return False
+        home = self._home.get(key)
+        if home is None:
+            if len(self._home) > 1_000_000:
+                self._home.clear()
+            home = self._home[key] = default_partition(key, n)
+        return home != msg.partition
+
+    async def prepare(self, messages: Sequence[Message]) -> BatchPlan:
+        plan = BatchPlan()
+        decode = self.decoder.decode
+        accepted: list[tuple[Click, Message]] = []
+        for msg in messages:
+            try:
+                click = decode(msg.value)
+            except Rejected as rej:
+                plan.dead.append((msg, rej.reason, rej.detail))
+                continue
+            key = click.user_id.encode()
+            if msg.key != key or self._misrouted(msg, key):
+                plan.rekey.append((key, msg))
+                continue
+            accepted.append((click, msg))
+        if not accepted:
+            return plan
+
+        users = list(dict.fromkeys(c.user_id for c, _ in accepted))
+        stored = await self.store.load(users)
+        work: dict[str, UserState] = {}
+        for u in users:
+            st = stored.get(u)
+            if st is None:
+                work[u] = UserState(h=self.h0, c=self.c0)
+            else:  # copy: the cached state changes only once Redis has the new one
+                work[u] = UserState(st.h, st.c, st.events, st.last_ts, dict(st.positions), st.recent)
+        slot = {u: i for i, u in enumerate(users)}
+
+        # de-duplicate and lay out the rounds
+        rows: list[tuple[Click, Message]] = []
+        row_slot: list[int] = []
+        row_round: list[int] = []
+        gaps: list[float] = []
+        row_events: list[int] = []  # the user's applied-event count after this row
+        seen_in_batch: dict[str, int] = {}
+        window = self.window_bytes
+        for click, msg in accepted:
+            st = work[click.user_id]
+            tp = f"{msg.topic}:{msg.partition}"
+            if msg.offset <= st.positions.get(tp, -1) or st.seen(click.fingerprint):
+                plan.duplicates += 1
+                continue
+            gaps.append(click.ts - st.last_ts)  # nan for a user's first event
+            st.positions[tp] = msg.offset
+            st.last_ts = click.ts
+            st.events += 1
+            row_events.append(st.events)
+            if window:
+                st.recent = (st.recent + click.fingerprint)[-window:]
+            r = seen_in_batch.get(click.user_id, 0)
+            seen_in_batch[click.user_id] = r + 1
+            rows.append((click, msg))
+            row_slot.append(slot[click.user_id])
+            row_round.append(r)
+        if not rows:
+            return plan
+
+        # step: one ONNX call per round, all users of the round together
+        n = len(rows)
+        feats = self.encoder.encode(
+            [c.categories for c, _ in rows],
+            np.fromiter((c.action for c, _ in rows), dtype=np.int64, count=n),
+            np.asarray(gaps, dtype=np.float64),
+        )
+        H = np.stack([work[u].h for u in users]).astype(np.float32, copy=False)
+        C = np.stack([work[u].c for u in users]).astype(np.float32, copy=False)
+        P = np.empty((n, len(self.categories)), dtype=np.float32)
+        rounds = np.asarray(row_round)
+        slots = np.asarray(row_slot)
+        order = np.argsort(rounds, kind="stable")
+        bounds = np.searchsorted(rounds[order], np.arange(rounds.max() + 2))
+        t0 = time.perf_counter()
+        step = self.session.step
+        for r in range(len(bounds) - 1):
+            idx = order[bounds[r] : bounds[r + 1]]
+            s = slots[idx]
+            p, h, c = step(feats[idx], H[s], C[s])
+            H[s] = h
+            C[s] = c
+            P[idx] = p
+        plan.ort_seconds = time.perf_counter() - t0
+        if self.metrics:
+            self.metrics.ort_step_seconds.observe(plan.ort_seconds)
+
+        # publish: one output record per applied event, one Redis write per user (its last event)
+        now = time.time()
+        top_idx = np.argsort(-P, axis=1, kind="stable")[:, : self.top_n]
+        names = self.categories
+        last_row: dict[str, int] = {}
+        dumps = orjson.dumps
+        tops: list[list[dict]] = []
+        for i, (click, msg) in enumerate(rows):
+            u = click.user_id
+            last_row[u] = i
+            p = P[i]
+            top = [{"category": names[k], "p": float(p[k])} for k in top_idx[i]]
+            tops.append(top)
+            record = {
+                "user_id": u,
+                "probs": p,
+                "top": top,
+                "model_version": self.version,
+                "event_time": click.ts,
+                "processed_at": now,
+                "events": row_events[i],
+                "event_id": click.event_id,
+            }
+            plan.outputs.append((u.encode(), dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)))
+            plan.produce_ts.append(msg.timestamp)
+            plan.event_ts.append(click.ts)
+
+        prefix = self.store.prefix
+        for u, i in last_row.items():
+            st = work[u]
+            st.h = H[slot[u]].copy()
+            st.c = C[slot[u]].copy()
+            fields = encode_state(st)
+            fields["probs"] = dumps(P[i], option=orjson.OPT_SERIALIZE_NUMPY)
+            fields["top"] = dumps(tops[i])
+            fields["model_version"] = self.version
+            fields["updated_at"] = repr(now)
+            plan.writes.append(UserWrite(prefix + u, fields, st.events))
+            plan.states[u] = st
+        return plan

@@ -1,0 +1,267 @@
+"""Per-user state and published distribution, together in one Redis hash per user.
+
+Key ``<prefix><user_id>`` (a hash). The worker writes every field of a user in one ``HSET`` inside a Lua script that
+refuses to go backwards (fewer applied events than stored, same model version), and writes all users of a batch
+through one pipeline; a new owner of a partition just reads the hashes it needs (no changelog restore).
+
+| field           | what                                                                         |
+|-----------------|------------------------------------------------------------------------------|
+| `probs`         | JSON list, probability per category (model order)                            |
+| `top`           | JSON list of `{"category", "p"}`, the top_n categories                       |
+| `event_ts`      | last applied event's time, epoch seconds                                     |
+| `updated_at`    | when it was written, epoch seconds                                           |
+| `model_version` | version of the model that produced the state                                 |
+| `events`        | number of events applied to this user                                        |
+| `state`         | recurrent state, float32 little-endian `h` then `c` (2 x hidden_size x 4 B)  |
+| `pos`           | JSON `{"topic:partition": offset}`: last applied input position per source   |
+| `recent`        | 8-byte fingerprints of the last `dedup_window` applied events, concatenated  |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from models.errors import ServiceError
+from streams.settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+STATE_FIELDS = ("model_version", "events", "event_ts", "state", "pos", "recent")
+
+# KEYS[1] = user key; ARGV = model_version, events, ttl_s, field, value, field, value, ...
+# Writes only when the stored state is of another model version or has applied fewer events: never older over newer.
+CAS_WRITE = """
+local cur = redis.call('HMGET', KEYS[1], 'model_version', 'events')
+if cur[1] == ARGV[1] and cur[2] and tonumber(cur[2]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+
+@dataclass(slots=True)
+class UserState:
+    """What the worker keeps per user between events."""
+
+    h: np.ndarray  # (H,) float32
+    c: np.ndarray  # (H,) float32
+    events: int = 0  # events applied so far
+    last_ts: float = float("nan")  # time of the last applied event (nan: none yet)
+    positions: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> last applied offset
+    recent: bytes = b""  # fingerprints of the last applied events (8 bytes each, oldest first)
+
+    def seen(self, fingerprint: bytes) -> bool:
+        rec = self.recent
+        for i in range(0, len(rec), 8):
+            if rec[i : i + 8] == fingerprint:
+                return True
+        return False
+
+
+@dataclass(slots=True)
+class UserWrite:
+    """One user's new published distribution and state, written in one HSET."""
+
+    key: str
+    fields: dict[str, bytes | str | int | float]
+    events: int
+
+
+def encode_state(st: UserState) -> dict[str, bytes | str | int | float]:
+    return {
+        "events": st.events,
+        "event_ts": repr(st.last_ts),
+        "state": st.h.astype("<f4").tobytes() + st.c.astype("<f4").tobytes(),
+        "pos": orjson.dumps(st.positions),
+        "recent": st.recent,
+    }
+
+
+def decode_state(values: Sequence[bytes | None], version: str, hidden: int) -> UserState | None:
+    """A stored state in the HMGET order of STATE_FIELDS, or None if absent, of another version or unreadable."""
+    stored_version, events, event_ts, blob, pos, recent = values
+    if stored_version is None or blob is None:
+        return None
+    if stored_version.decode() != version:
+        return None  # another model's state is not mixed in: the user restarts from the cold-start state
+    arr = np.frombuffer(blob, dtype="<f4")
+    if arr.size != 2 * hidden:
+        return None
+    return UserState(
+        h=arr[:hidden].astype(np.float32),
+        c=arr[hidden:].astype(np.float32),
+        events=int(events or 0),
+        last_ts=float(event_ts) if event_ts else float("nan"),
+        positions=orjson.loads(pos) if pos else {},
+        recent=recent or b"",
+    )
+
+
+def redis_options(settings: Settings) -> dict[str, object]:
+    """Client options from the settings: timeouts, optional ACL user/password override, TLS CA."""
+    opts: dict[str, object] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    if settings.redis_username:
+        opts["username"] = settings.redis_username
+    if settings.redis_password is not None:
+        opts["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_ssl_ca_certs and settings.redis_url.startswith("rediss://"):
+        opts["ssl_ca_certs"] = str(settings.redis_ssl_ca_certs)
+    return opts
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """An asyncio Redis client from the settings."""
+    return aioredis.Redis.from_url(settings.redis_url, health_check_interval=10, **redis_options(settings))
+
+
+class StateStore:
+    """The Redis side of the worker: reads states, writes a batch of users through one pipeline.
+
+    Like a Quix Streams sink: it connects and pings at start, writes one pipeline per batch, logs count and elapsed
+    time, and retries with backoff (forever, up to ``redis_retry_max_s`` between tries) while Redis is unreachable.
+    A bounded in-process cache of states avoids a read per batch; it is dropped on partition revocation.
+    """
+
+    def __init__(self, settings: Settings, model_version: str, hidden: int, metrics=None) -> None:
+        self.settings = settings
+        self.prefix = settings.redis_prefix
+        self.version = model_version
+        self.hidden = hidden
+        self.ttl = settings.redis_ttl_s
+        self.metrics = metrics
+        self.client = redis_client(settings)
+        self.cache: OrderedDict[str, UserState] = OrderedDict()
+        self.cache_size = settings.cache_size
+        self._script = self.client.register_script(CAS_WRITE)
+        self.stale_writes = 0
+
+    def key(self, user_id: str) -> str:
+        return self.prefix + user_id
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Connect and PING, retrying until ``timeout``; raise ServiceError with the (redacted) URL after."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.client.ping()
+                await self._script.client.script_load(CAS_WRITE)
+                log.info("redis connected: %s", redact_url(self.settings.redis_url))
+                return
+            except RedisError as exc:
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {type(exc).__name__}: {exc}"
+                    ) from None
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    def drop_cache(self, users: Iterable[str] | None = None) -> None:
+        """Forget cached states (all, or those of ``users``): the next batch reads them from Redis."""
+        if users is None:
+            self.cache.clear()
+        else:
+            for u in users:
+                self.cache.pop(u, None)
+
+    async def _retrying(self, what: str, op):
+        delay = 0.1
+        while True:
+            try:
+                return await op()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self.metrics:
+                    self.metrics.redis_retries.inc()
+                log.warning("redis %s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.redis_retry_max_s)
+
+    async def load(self, users: Iterable[str]) -> dict[str, UserState | None]:
+        """States of ``users`` (None for a user with no usable state): cache first, then one pipeline read."""
+        out: dict[str, UserState | None] = {}
+        missing: list[str] = []
+        cache = self.cache
+        for u in users:
+            st = cache.get(u)
+            if st is None:
+                missing.append(u)
+            else:
+                out[u] = st
+        if missing:
+
+            async def read():
+                pipe = self.client.pipeline(transaction=False)
+                for u in missing:
+                    pipe.hmget(self.key(u), STATE_FIELDS)
+                return await pipe.execute()
+
+            rows = await self._retrying("read", read)
+            for u, row in zip(missing, rows, strict=True):
+                out[u] = decode_state(row, self.version, self.hidden)
+        return out
+
+    async def write(self, writes: Sequence[UserWrite], states: dict[str, UserState]) -> int:
+        """Write a batch (one pipeline of CAS scripts); cache what was written. Returns the number of stale writes."""
+        if not writes:
+            return 0
+        t0 = time.perf_counter()
+        ttl = self.ttl
+        version = self.version
+        sha = self._script.sha
+
+        async def send():
+            pipe = self.client.pipeline(transaction=False)
+            for w in writes:
+                args: list = [version, w.events, ttl]
+                for k, v in w.fields.items():
+                    args.append(k)
+                    args.append(v)
+                pipe.evalsha(sha, 1, w.key, *args)
+            return await pipe.execute(raise_on_error=False)
+
+        results = await self._retrying("write", send)
+        if any(isinstance(r, Exception) for r in results):
+            noscript = [r for r in results if isinstance(r, Exception)]
+            if all("NOSCRIPT" in str(r) for r in noscript):  # Redis restarted without the script: load, resend
+                await self._retrying("script load", lambda: self.client.script_load(CAS_WRITE))
+                results = await self._retrying("write", send)
+            bad = [r for r in results if isinstance(r, Exception)]
+            if bad:
+                raise ServiceError(f"redis rejected {len(bad)} writes: {bad[0]}")
+        stale = 0
+        cache = self.cache
+        prefix_len = len(self.prefix)
+        for w, ok in zip(writes, results, strict=True):
+            user = w.key[prefix_len:]
+            if ok:
+                cache.pop(user, None)
+                cache[user] = states[user]
+            else:  # another worker is ahead of us for this user: forget ours, read theirs next time
+                stale += 1
+                cache.pop(user, None)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
+        self.stale_writes += stale
+        elapsed = time.perf_counter() - t0
+        if self.metrics:
+            self.metrics.redis_write_seconds.observe(elapsed)
+            if stale:
+                self.metrics.stale_writes.inc(stale)
+        log.debug("redis wrote %d users in %.1f ms (%d stale)", len(writes), elapsed * 1e3, stale)
+        return stale

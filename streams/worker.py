@@ -1,0 +1,158 @@
+"""Run the stream worker.
+
+    interest-stream worker                    # settings from INTEREST_* (see README)
+    interest-stream worker --log-level DEBUG
+
+Before Faust starts, the worker loads and checks the model (a wrong or corrupt file, or a catalog that does not
+match its vocabulary, stops it here with a one-line message), reaches Redis and Kafka and creates missing topics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.config
+import sys
+import time
+
+import orjson
+from pydantic import ValidationError
+
+from models.errors import ConfigError, ModelError, ServiceError
+from streams.settings import Settings, get_settings
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message (and exc when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
+
+
+def logging_config(settings: Settings) -> dict:
+    formatter = (
+        {"()": JsonFormatter}
+        if settings.log_format == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"main": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}},
+        "root": {"level": settings.log_level, "handlers": ["stderr"]},
+        "loggers": {"aiokafka": {"level": "WARNING"}, "kafka": {"level": "WARNING"}},
+    }
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return get_settings(**overrides)
+    except ValidationError as exc:
+        errs = "; ".join(f"INTEREST_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(errs) from None
+
+
+def check_redis(settings: Settings, timeout: float = 30.0) -> None:
+    """Fail with a clear message (password masked) if Redis does not answer within ``timeout``."""
+    import redis
+
+    from streams.lookup import sync_client
+    from streams.settings import redact_url
+
+    client = sync_client(settings)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"cannot reach Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}"
+                    ) from None
+                time.sleep(0.5)
+    finally:
+        client.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override INTEREST_LOG_LEVEL"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {"log_level": args.log_level} if args.log_level else {}
+    settings = load_settings(**overrides)
+    logging.config.dictConfig(logging_config(settings))
+    log = logging.getLogger("streams.worker")
+    log.info("settings: %s", orjson.dumps(settings.redacted()).decode())
+
+    from export.runtime import StepSession
+
+    if not settings.model_path.exists():
+        raise ModelError(
+            f"model file {settings.model_path} not found (train and export one: see README, or set INTEREST_MODEL_PATH)"
+        )
+    session = StepSession(settings.model_path, device=settings.device, intra_op_threads=settings.ort_threads or None)
+    catalog = session.load_catalog(settings.catalog_path)
+    log.info(
+        "model %s: %d categories, %d items in catalog, provider %s",
+        session.meta.version,
+        len(session.meta.categories),
+        len(catalog),
+        session.provider,
+    )
+    check_redis(settings)
+
+    from streams.kafka import ensure_topics
+
+    partitions = ensure_topics(settings)
+
+    # import the app only now: it reads the same settings at import time
+    from streams import app as faust_app
+    from streams.metrics import Metrics
+    from streams.processor import InterestProcessor
+    from streams.state import StateStore
+
+    metrics = Metrics()
+    store = StateStore(settings, session.meta.version, session.meta.hidden_size, metrics)
+    processor = InterestProcessor(session, store, settings, catalog, partitions, metrics)
+    faust_app.bind(processor, metrics)
+    metrics.serve(settings.metrics_port)
+
+    import faust
+
+    async def _ready() -> None:
+        await store.start()
+        log.info("worker ready: consuming %s and %s", settings.input_topic, settings.rekey_topic)
+
+    faust_app.app.on_startup_finished = _ready
+
+    worker = faust.Worker(
+        faust_app.app,
+        loglevel=settings.log_level.lower(),
+        logging_config=logging_config(settings),
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(argparse.Namespace(log_level=None)))
