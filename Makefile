@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# apt packages the tests and the demo need (redis-server); skipped when already there.
+# apt packages the tests and the demo need: redis-server, and docker-compose (only to validate the compose file;
+# no Docker engine runs here). Skipped when already there.
+APT_PKGS := redis-server docker-compose
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (apt)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; fi; }
+	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then echo "installing (apt):$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 # torch first and pinned: 2.13.0 is the CPU build on disk here; a bare `torch` would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | system-deps

@@ -78,5 +78,5 @@ def _partition_counts(client: KafkaAdminClient) -> dict[str, int]:
     out = {}
     for t in client.describe_topics():
         if not t.get("error_code") and t.get("partitions"):
-            out[t["topic"]] = len(t["partitions"])
+            out[t.get("name") or t.get("topic")] = len(t["partitions"])
     return out

@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -238,7 +239,7 @@ class StateStore:
         results = await self._retrying("write", send)
         if any(isinstance(r, Exception) for r in results):
             noscript = [r for r in results if isinstance(r, Exception)]
-            if all("NOSCRIPT" in str(r) for r in noscript):  # Redis restarted without the script: load, resend
+            if all(isinstance(r, NoScriptError) for r in noscript):  # Redis restarted without the script: load, resend
                 await self._retrying("script load", lambda: self.client.script_load(CAS_WRITE))
                 results = await self._retrying("write", send)
             bad = [r for r in results if isinstance(r, Exception)]

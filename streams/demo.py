@@ -1,0 +1,117 @@
+"""The whole product on one machine: local broker and Redis, a model trained on ML-100K, a worker, a replay.
+
+    interest-stream demo                 # (make demo) runs until the replay is applied, then stops everything
+    interest-stream demo --keep-running  # leaves the worker and services up until Ctrl-C
+
+Steps: start Tansu and redis-server on 127.0.0.1 (reused if already up), train and export the model if
+``artifacts/models/movielens-100k/model.onnx`` is missing, start ``interest-stream worker``, replay MovieLens 100K
+into the input topic, and print the event rate and live interest bars for a few users every two seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from models.errors import ServiceError
+from streams.services import RUN_DIR, pid_alive, read_pid_file, services_down, services_up, stop_pid
+
+DEFAULT_DATA = Path("../shared/data/ml-100k")
+SHOW_USERS = ("405", "655", "13")  # three of ML-100K's most active users
+
+
+def scrape(port: int, name: str) -> float | None:
+    """One counter's value from the worker's Prometheus endpoint (None while it is not up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MovieLens 100K folder")
+    parser.add_argument("--rate", type=float, help="replay rate in events/s (default: as fast as possible)")
+    parser.add_argument("--limit", type=int, help="replay only the first N events")
+    parser.add_argument("--keep-running", action="store_true", help="keep worker and services up until Ctrl-C")
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.onnx_export import build_default_model
+    from models.data import load_dataset
+    from streams.lookup import bar_chart, get_interests, sync_client
+    from streams.replay import produce, wire_events
+    from streams.worker import load_settings
+
+    if not args.data.exists():
+        raise ServiceError(f"MovieLens 100K not found at {args.data} (expected ../shared/data/ml-100k)")
+    already_up = all(
+        (known := read_pid_file(RUN_DIR / f"{n}.pid")) and pid_alive(known[0]) for n in ("broker", "redis")
+    )
+    print("== services")
+    services_up()
+    print("== model")
+    model = build_default_model(data=args.data)
+    print(f"model: {model}")
+    settings = load_settings(model_path=model)
+    env = dict(os.environ, INTEREST_MODEL_PATH=str(model))
+    RUN_DIR.mkdir(exist_ok=True)
+    log_path = RUN_DIR / "worker.log"
+    print(f"== worker (log: {log_path})")
+    with open(log_path, "ab") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    stop = threading.Event()
+    try:
+        ds = load_dataset("movielens-100k", args.data)
+        total = min(args.limit or len(ds.events), len(ds.events))
+        print(f"== replay: {total} events of {ds.name} into {settings.input_topic}")
+        sent = [0]
+
+        def replay() -> None:
+            sent[0] = produce(settings, wire_events(ds, args.limit), total, args.rate, progress=False)
+
+        producer = threading.Thread(target=replay, daemon=True)
+        producer.start()
+        client = sync_client(settings)
+        last, last_t = 0.0, time.monotonic()
+        while not stop.is_set():
+            time.sleep(2)
+            if worker.poll() is not None:
+                raise ServiceError(f"the worker exited with code {worker.returncode}; see {log_path}")
+            applied = scrape(settings.metrics_port, "interest_events_applied_total") or 0.0
+            dead = scrape(settings.metrics_port, "interest_dead_letters_total") or 0.0
+            now = time.monotonic()
+            rate = (applied - last) / (now - last_t)
+            last, last_t = applied, now
+            print(f"\n-- {applied:,.0f}/{total:,} applied ({rate:,.0f} events/s), {dead:,.0f} dead-lettered")
+            for u in SHOW_USERS:
+                interests = get_interests(u, settings, client)
+                if interests:
+                    print(bar_chart(interests, width=30))
+            if not producer.is_alive() and applied + dead >= sent[0] and not args.keep_running:
+                print(f"\n== done: {applied:,.0f} events applied (--keep-running keeps it up for `interest-stream lookup`)")
+                break
+    except KeyboardInterrupt:
+        print("\n== interrupted")
+    finally:
+        stop.set()
+        print("== stopping worker")
+        stop_pid(worker.pid, signal.SIGTERM, timeout=20)
+        if not already_up:
+            print("== stopping services")
+            with contextlib.suppress(ServiceError):
+                services_down()
+    return 0

@@ -1,0 +1,69 @@
+import argparse
+import csv
+import hashlib
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.features import META_PREFIX, ModelMeta
+from export.onnx_export import add_arguments, check_parity, run
+from models.checkpoint import load_checkpoint
+from models.errors import ModelError
+
+
+@pytest.fixture(scope="module")
+def model_and_ckpt(trained_model: Path):
+    return load_checkpoint(trained_model.with_name("model.pt"))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 512])
+def test_parity_onnx_steps_vs_pytorch_sequence(trained_model: Path, model_and_ckpt, batch: int, capsys):
+    model, ckpt = model_and_ckpt
+    res = check_parity(model, trained_model, ckpt, batches=(batch,), length=50)
+    assert {f"random batch={batch}", f"real batch={batch}"} <= set(res)
+    assert res["max"] <= 1e-5, res
+    assert "max |dp|" in capsys.readouterr().out
+
+
+def test_graph_and_metadata(trained_model: Path, model_and_ckpt):
+    model, ckpt = model_and_ckpt
+    proto = onnx.load(str(trained_model))
+    assert [i.name for i in proto.graph.input] == ["features", "h", "c"]
+    assert [o.name for o in proto.graph.output] == ["probs", "h_next", "c_next"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = ModelMeta.from_onnx_metadata(props)
+    assert meta.version == ckpt["version"] and meta.version.startswith("movielens-100k-")
+    assert len(meta.categories) == 19 and len(meta.category_index) == 19
+    assert meta.actions == ["1", "2", "3", "4", "5"]
+    assert meta.hidden_size == model.cfg.state_size and meta.h0.shape == (meta.hidden_size,)
+    assert abs(float(meta.prior.sum()) - 1) < 1e-5
+    bad = dict(props)
+    del bad[META_PREFIX + "categories"]
+    with pytest.raises(ModelError, match=r"lacks interest_stream\.categories"):
+        ModelMeta.from_onnx_metadata(bad)
+    with pytest.raises(ModelError, match="not valid JSON"):
+        ModelMeta.from_onnx_metadata({**props, META_PREFIX + "h0": "[1, 2"})
+    with pytest.raises(ModelError, match="h0"):
+        ModelMeta.from_onnx_metadata({**props, META_PREFIX + "h0": "[1, 2]"})
+
+
+def test_catalog_written_with_sha(trained_model: Path):
+    path = trained_model.with_name("catalog.csv")
+    meta = ModelMeta.from_onnx_metadata({p.key: p.value for p in onnx.load(str(trained_model)).metadata_props})
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == meta.catalog_sha256
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["item_id", "categories"] and len(rows) == 1 + 1682
+    assert dict(rows[1:])["1"] == "Animation|Children's|Comedy"
+
+
+def test_export_cli(trained_model: Path, tmp_path: Path, capsys):
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    out = tmp_path / "m.onnx"
+    assert run(ap.parse_args(["--checkpoint", str(trained_model.with_name("model.pt")), "--out", str(out)])) == 0
+    text = capsys.readouterr().out
+    assert "parity max |dp|" in text and out.is_file() and (tmp_path / "catalog.csv").is_file()
+    with pytest.raises(ModelError, match="not found"):
+        run(ap.parse_args(["--checkpoint", str(tmp_path / "none.pt")]))

@@ -1,0 +1,148 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import gpu_check
+from export.features import FeatureEncoder
+from export.runtime import CPU, StepSession, replay_log
+from models.checkpoint import load_checkpoint
+from models.data import load_dataset
+from models.errors import ModelError
+from models.metrics import evaluate
+from tests.model_fixtures import ML100K
+
+
+@pytest.fixture(scope="module")
+def session(trained_model: Path) -> StepSession:
+    return StepSession(trained_model, device="cpu", intra_op_threads=1)
+
+
+def test_session_basics(session: StepSession):
+    assert session.provider == CPU
+    k, h = len(session.meta.categories), session.meta.hidden_size
+    for b in (1, 3, 1000):
+        x = session.encoder.encode([(0,)] * b, [0] * b, np.full(b, np.nan))
+        p, hn, cn = session.step(x, *session.initial_state(b))
+        assert p.shape == (b, k) and hn.shape == cn.shape == (b, h) and p.dtype == np.float32
+        assert np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="step wants"):
+        session.step(np.zeros((2, 3), np.float32), *session.initial_state(2))
+
+
+def test_cold_start_gets_learned_prior(session: StepSession, trained_model: Path):
+    model, _ = load_checkpoint(trained_model.with_name("model.pt"))
+    meta = session.meta
+    h, c = session.initial_state(4)
+    assert np.array_equal(h[2], meta.h0) and np.array_equal(c[3], meta.c0)
+    h0, c0 = model.initial_state(1)
+    assert np.array_equal(meta.h0, h0[0].detach().numpy()) and np.array_equal(meta.c0, c0[0].detach().numpy())
+    assert np.allclose(meta.prior, model.prior().numpy(), atol=1e-7)
+    # a sensible prior: far from uniform, close to the category popularity of users' next events
+    rep = json.loads(trained_model.with_name("report.json").read_text())
+    k = len(meta.categories)
+    ds = load_dataset("movielens-100k", ML100K)
+    firsts = [evs[0] for evs in ds.by_user().values()]
+    y = session.encoder.encode(
+        [session.encoder.category_indices(ds.catalog[e.item_id]) for e in firsts],
+        [0] * len(firsts),
+        np.full(len(firsts), np.nan),
+    )[:, :k]
+    ce_prior = evaluate(np.tile(meta.prior, (len(y), 1)), y)["ce"]
+    ce_uniform = evaluate(np.full((len(y), k), 1 / k), y)["ce"]
+    assert ce_prior < ce_uniform - 0.3
+    assert np.allclose(meta.prior, rep["prior"], atol=1e-6)
+    # replay of a user without events is the prior; a user's first step starts from h0/c0
+    out = replay_log(session, [("new", (meta.category_index["Drama"],), 0, 1000.0)])
+    x = session.encoder.encode([(meta.category_index["Drama"],)], [0], np.array([np.nan]))
+    p, _, _ = session.step(x, *session.initial_state(1))
+    assert np.array_equal(out["new"].probs, p[0]) and out["new"].n_events == 1
+
+
+def test_replay_matches_pytorch(session: StepSession, trained_model: Path):
+    model, _ = load_checkpoint(trained_model.with_name("model.pt"))
+    enc: FeatureEncoder = session.encoder
+    ds = load_dataset("movielens-100k", ML100K)
+    users = list(ds.by_user().items())[:25]
+    events = [
+        (e.user_id, enc.category_indices(ds.catalog[e.item_id]), enc.action_index(e.action), e.ts)
+        for e in ds.events
+        if e.user_id in dict(users)
+    ]
+    out = replay_log(session, events)
+    assert set(out) == {u for u, _ in users}
+    for u, evs in users[:5]:
+        mine = [e for e in events if e[0] == u]
+        ts = np.array([e[3] for e in mine])
+        x = enc.encode([e[1] for e in mine], [e[2] for e in mine], np.concatenate([[np.nan], np.diff(ts)]))
+        with torch.no_grad():
+            p = model(torch.from_numpy(x[None]))[0, -1].numpy()
+        assert np.abs(out[u].probs - p).max() < 1e-5
+        assert out[u].n_events == len(evs) and out[u].last_ts == evs[-1].ts
+
+
+def test_encoder_layout(session: StepSession):
+    enc, meta = session.encoder, session.meta
+    k, a = len(meta.categories), len(meta.actions)
+    x = enc.encode([(0, 2, 2), (1,)], [enc.action_index(None), enc.action_index("5")], np.array([np.nan, -5.0]))
+    assert x.shape == (2, meta.n_features) and x.dtype == np.float32
+    assert x[0, :k].tolist()[:3] == [0.5, 0.0, 0.5] and x[1, 1] == 1.0
+    assert x[0, k + meta.actions.index(meta.default_action)] == 1 and x[1, k + 4] == 1
+    assert x[0, k + a + 1] == 1.0 and x[1, k + a + 1] == 0.0 and x[1, k + a] == 0.0  # nan -> first; -5 -> 0
+    with pytest.raises(KeyError, match="Nope"):
+        enc.category_indices(["Drama", "Nope"])
+    with pytest.raises(KeyError):
+        enc.action_index("6")
+
+
+def test_bad_model_files(tmp_path: Path, trained_model: Path):
+    with pytest.raises(ModelError, match="not found"):
+        StepSession(tmp_path / "none.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(trained_model.read_bytes()[:500])
+    with pytest.raises(ModelError, match="not a loadable ONNX model"):
+        StepSession(bad, device="cpu")
+    proto = onnx.load(str(trained_model))
+    del proto.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(proto, str(foreign))
+    with pytest.raises(ModelError, match="not an interest-stream model"):
+        StepSession(foreign, device="cpu")
+    with pytest.raises(ModelError, match="device"):
+        StepSession(trained_model, device="tpu")
+
+
+def test_cuda_request_without_gpu(trained_model: Path):
+    try:
+        s = StepSession(trained_model, device="cuda")
+    except ModelError as e:
+        assert "CUDA" in str(e)
+    else:
+        assert s.provider == "CUDAExecutionProvider"
+
+
+def test_catalog(session: StepSession, trained_model: Path, tmp_path: Path):
+    cat = session.load_catalog()
+    assert len(cat) == 1682 and all(cat.values())
+    assert cat["1"] == session.encoder.category_indices(["Animation", "Children's", "Comedy"])
+    moved = tmp_path / "model.onnx"
+    moved.write_bytes(trained_model.read_bytes())
+    (tmp_path / "catalog.csv").write_text("item_id,categories\n1,Drama\n")
+    with pytest.raises(ModelError, match="sha256"):
+        StepSession(moved, device="cpu").load_catalog()
+    other = tmp_path / "other.csv"
+    other.write_text("item_id,categories\n1,Drama\n2,Cooking\n")
+    with pytest.raises(ModelError, match=r"other\.csv:3: category 'Cooking'"):
+        session.load_catalog(other)
+
+
+def test_gpu_check_without_gpu(trained_model: Path, tmp_path: Path):
+    if StepSession(trained_model).provider != CPU:
+        pytest.skip("a GPU is present: run python -m export.gpu_check instead")
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--model", str(trained_model), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["status"] == "skipped" and "CUDA" in rep["reason"]

@@ -1,0 +1,55 @@
+"""Shared fixtures for the model and export tests (importable by other test packages too).
+
+    python -m pytest tests/models tests/export
+
+`trained_model` trains a small ML-100K model once per session (a few epochs, ~30 s on 2 cores) and exports it;
+`write_csv_dataset` writes a small generic-format data set with a learnable pattern.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO.parent / "shared" / "data").resolve()
+ML100K = DATA / "ml-100k"
+TAOBAO = DATA / "taobao-userbehavior-sample"
+
+
+def write_csv_dataset(folder: Path, users: int = 24, events: int = 40, seed: int = 0) -> tuple[Path, Path]:
+    """events.csv (user_id,item_id,ts,action; ISO and epoch times mixed) + items.csv; -> their paths.
+
+    Each user mostly stays within a favourite group of categories, so history beats popularity.
+    """
+    rng = np.random.default_rng(seed)
+    cats = [f"c{i}" for i in range(8)]
+    items = {f"i{j}": [cats[j % 8]] + ([cats[(j + 1) % 8]] if j % 5 == 0 else []) for j in range(40)}
+    folder.mkdir(parents=True, exist_ok=True)
+    ipath, epath = folder / "items.csv", folder / "events.csv"
+    ipath.write_text("item_id,categories\n" + "".join(f"{i},{'|'.join(c)}\n" for i, c in items.items()))
+    rows = ["user_id,item_id,ts,action"]
+    for u in range(users):
+        fav = rng.integers(0, 8)
+        t = 1_600_000_000 + int(rng.integers(0, 10_000))
+        for _ in range(events):
+            t += int(rng.exponential(600))
+            g = fav if rng.random() < 0.7 else rng.integers(0, 8)
+            item = f"i{g + 8 * rng.integers(0, 5)}"
+            action = rng.choice(["view", "view", "view", "buy"])
+            ts = str(t) if u % 2 else np.datetime_as_string(np.datetime64(t, "s")) + "Z"
+            rows.append(f"u{u},{item},{ts},{action}")
+    epath.write_text("\n".join(rows) + "\n")
+    return epath, ipath
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model.onnx of a small model trained on ML-100K and exported (model.pt, report.json beside it)."""
+    if not ML100K.is_dir():
+        pytest.skip(f"real data not found at {ML100K}")
+    from export.onnx_export import build_default_model
+
+    return build_default_model(tmp_path_factory.mktemp("ml100k"), ML100K, fast=True)

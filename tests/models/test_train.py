@@ -1,0 +1,114 @@
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.errors import ConfigError, ModelError
+from models.model import InterestModel, ModelConfig
+from models.train import TrainConfig, add_arguments, configs_from_args, train
+from tests.model_fixtures import write_csv_dataset
+
+TINY = TrainConfig(epochs=2, patience=5, batch_users=8, threads=1)
+
+
+def _train_tiny(folder: Path, data: tuple[Path, Path], seed: int = 3) -> dict:
+    tc = TrainConfig(**{**TINY.__dict__, "seed": seed})
+    return train("csv", data[0], folder, data[1], tc=tc, model_overrides={"hidden_size": 16}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_csv_dataset(tmp_path_factory.mktemp("csv"))
+
+
+def test_deterministic_with_seed(tmp_path: Path, csv_data):
+    r1 = _train_tiny(tmp_path / "a", csv_data)
+    r2 = _train_tiny(tmp_path / "b", csv_data)
+    r3 = _train_tiny(tmp_path / "c", csv_data, seed=4)
+    s1 = load_checkpoint(tmp_path / "a" / "model.pt")[1]["state_dict"]
+    s2 = load_checkpoint(tmp_path / "b" / "model.pt")[1]["state_dict"]
+    s3 = load_checkpoint(tmp_path / "c" / "model.pt")[1]["state_dict"]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+    assert r1["version"] == r2["version"] != r3["version"]
+    assert r1["test"] == r2["test"]
+
+
+def test_outputs_and_checkpoint(tmp_path: Path, csv_data):
+    _train_tiny(tmp_path, csv_data)
+    for f in ("model.pt", "report.json", "report.md", "learning_curves.png", "users.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert set(rep["test"]) == {"lstm", "popularity", "decayed_histogram", "markov"}
+    assert set(rep["val"]) == set(rep["test"])
+    assert {"ce", "top3_mass", "precision@3", "recall@3", "f1@3", "accuracy@1"} == set(rep["test"]["lstm"])
+    assert rep["dataset"]["events"] == 24 * 40
+    assert "| lstm |" in (tmp_path / "report.md").read_text()
+    # a plain dict of tensors and plain types: loads with weights_only=True
+    ck = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ck["vocab"]["categories"] and ck["catalog"]["i0"] == ["c0", "c1"]
+    model, _ = load_checkpoint(tmp_path / "model.pt")
+    assert isinstance(model, InterestModel) and not model.training
+
+
+def test_bad_checkpoints(tmp_path: Path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(ModelError, match="not an interest-stream checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(ModelError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_arguments():
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    a = ap.parse_args(
+        [
+            "--dataset",
+            "csv",
+            "--data",
+            "e",
+            "--items",
+            "i",
+            "--out",
+            "o",
+            "--seed",
+            "7",
+            "--top-k",
+            "9",
+            "--hidden-size",
+            "32",
+            "--no-drift",
+        ]
+    )
+    tc, mc = configs_from_args(a)
+    assert (tc.seed, tc.top_k, tc.epochs) == (7, 9, TrainConfig().epochs)
+    assert mc == {"hidden_size": 32, "state_drift": False}
+    with pytest.raises(ConfigError):
+        configs_from_args(ap.parse_args(["--dataset", "csv", "--data", "e", "--out", "o", "--epochs", "0"]))
+
+
+def test_step_matches_sequence_forward():
+    torch.manual_seed(0)
+    m = InterestModel(ModelConfig(n_categories=5, n_actions=3, hidden_size=8)).eval()
+    x = torch.rand(3, 6, m.cfg.n_features)
+    full = m(x)
+    h, c = m.initial_state(3)
+    assert torch.allclose(full[:, 0], m.probs(h, c))
+    for t in range(6):
+        h, c = m.step(x[:, t], h, c)
+        assert torch.allclose(full[:, t + 1], m.probs(h, c), atol=1e-6)
+    assert torch.allclose(full.sum(-1), torch.ones(3, 7), atol=1e-5)
+
+
+def test_trained_model_beats_popularity(trained_model: Path):
+    rep = json.loads((trained_model.parent / "report.json").read_text())
+    lstm, pop = rep["test"]["lstm"], rep["test"]["popularity"]
+    assert lstm["ce"] < pop["ce"] and lstm["top3_mass"] > pop["top3_mass"]
