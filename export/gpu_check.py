@@ -1,0 +1,235 @@
+"""GPU check: CUDA-provider parity with CPU and batched step throughput, written as a JSON report.
+
+    python -m export.gpu_check --model artifacts/models/movielens-100k/model.onnx --out gpu_report.json
+
+On a machine with an NVIDIA GPU (onnxruntime-gpu): builds a CPU and a CUDA session, steps the same random
+sequences (length 64, batch 1, 7, 512) through both and records max |dp|, |dh|, |dc|; then measures step
+throughput (events/s) at batch 1, 4, 16, ... 65536 with plain run() (host arrays in and out) and with
+IOBinding (state kept on the device between steps, features copied in, probs copied out), fp32, and fp16
+(a converted copy of the graph, if onnx's float16 converter is available). Without a usable GPU it says so
+and exits 0 with {"status": "skipped"}. Every section catches its own errors and the report is rewritten
+after each measurement, so a crash still leaves partial results. Time-boxed to well under 5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.runtime import CPU, CUDA, StepSession
+
+BATCHES = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+SECONDS_PER_POINT = 1.0  # measuring time per (mode, batch)
+MAX_TOTAL_SECONDS = 240.0
+
+
+class Report:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = {
+            "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "onnxruntime": ort.__version__,
+            "available_providers": ort.get_available_providers(),
+        }
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2, default=float) + "\n")
+
+    def error(self, section: str, e: BaseException) -> None:
+        self.data.setdefault("errors", {})[section] = f"{type(e).__name__}: {e}"[:2000]
+        self.data.setdefault("tracebacks", {})[section] = traceback.format_exc()[-4000:]
+        self.save()
+
+
+def gpu_session(model: Path) -> tuple[StepSession | None, str]:
+    with contextlib.suppress(Exception):
+        ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* wheels, when that is how they are installed
+    try:
+        s = StepSession(model, device="cuda")
+    except Exception as e:
+        return None, str(e)
+    return (s, "") if s.provider == CUDA else (None, f"providers granted: {s.session.get_providers()}")
+
+
+def parity(cpu: StepSession, gpu: StepSession, batches=(1, 7, 512), length: int = 64) -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    enc, k, a = cpu.encoder, cpu.encoder.k, cpu.encoder.a
+    for b in batches:
+        hc, cc = cpu.initial_state(b)
+        hg, cg = gpu.initial_state(b)
+        dp = dh = 0.0
+        for t in range(length):
+            cats = [tuple(rng.choice(k, size=rng.integers(1, min(k, 3) + 1), replace=False)) for _ in range(b)]
+            gaps = np.full(b, np.nan) if t == 0 else rng.exponential(3600.0, size=b)
+            x = enc.encode(cats, rng.integers(0, a, size=b), gaps)
+            pc, hc, cc = cpu.step(x, hc, cc)
+            pg, hg, cg = gpu.step(x, hg, cg)
+            dp = max(dp, float(np.abs(pc - pg).max()))
+            dh = max(dh, float(np.abs(hc - hg).max()), float(np.abs(cc - cg).max()))
+        out[str(b)] = {"max_abs_dp": dp, "max_abs_dstate": dh, "length": length}
+    out["max_abs_dp"] = max(v["max_abs_dp"] for v in out.values())
+    return out
+
+
+def throughput_run(sess: ort.InferenceSession, b: int, f: int, hsz: int, dtype) -> float:
+    rng = np.random.default_rng(b)
+    x = rng.random((b, f)).astype(dtype)
+    h = np.zeros((b, hsz), dtype)
+    c = np.zeros((b, hsz), dtype)
+    sess.run(None, {"features": x, "h": h, "c": c})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < SECONDS_PER_POINT:
+        _, h, c = sess.run(None, {"features": x, "h": h, "c": c})
+        n += 1
+    return n * b / (time.perf_counter() - t0)
+
+
+def throughput_iobinding(sess: ort.InferenceSession, b: int, f: int, hsz: int, dtype) -> float:
+    """State stays on the device: h_next/c_next of one step are bound as h/c of the next."""
+    rng = np.random.default_rng(b)
+    x = rng.random((b, f)).astype(dtype)
+    zeros = np.zeros((b, hsz), dtype)
+    states = [[ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0) for _ in range(2)] for _ in range(2)]
+    probs_cpu = None
+
+    def one(i: int):
+        nonlocal probs_cpu
+        cur, nxt = states[i % 2], states[(i + 1) % 2]
+        io = sess.io_binding()
+        io.bind_cpu_input("features", x)
+        io.bind_ortvalue_input("h", cur[0])
+        io.bind_ortvalue_input("c", cur[1])
+        io.bind_output("probs", "cpu")
+        io.bind_ortvalue_output("h_next", nxt[0])
+        io.bind_ortvalue_output("c_next", nxt[1])
+        sess.run_with_iobinding(io)
+        probs_cpu = io.get_outputs()[0].numpy()
+
+    one(0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < SECONDS_PER_POINT:
+        one(n + 1)
+        n += 1
+    return n * b / (time.perf_counter() - t0)
+
+
+def fp16_model(model: Path, out_dir: Path) -> Path | None:
+    try:
+        import onnx
+        from onnx import numpy_helper  # noqa: F401
+
+        try:
+            from onnxconverter_common import float16  # type: ignore[import-not-found]
+        except ImportError:
+            return None
+        m = float16.convert_float_to_float16(onnx.load(str(model)), keep_io_types=False)
+        p = out_dir / (model.stem + ".fp16.onnx")
+        onnx.save(m, str(p))
+        return p
+    except Exception:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", default="gpu_report.json")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    a = ap.parse_args(argv)
+    rep = Report(Path(a.out))
+    t_start = time.perf_counter()
+    try:
+        cpu = StepSession(a.model, device="cpu")
+    except Exception as e:
+        rep.error("load", e)
+        rep.data["status"] = "failed"
+        rep.save()
+        print(f"cannot load {a.model}: {e}")
+        return 1
+    rep.data["model"] = {
+        "path": str(a.model),
+        "version": cpu.meta.version,
+        "hidden_size": cpu.hidden_size,
+        "n_features": cpu.n_features,
+        "categories": len(cpu.meta.categories),
+    }
+    gpu, why = gpu_session(Path(a.model))
+    if gpu is None:
+        rep.data["status"] = "skipped"
+        rep.data["reason"] = f"no usable CUDA device: {why}"
+        rep.save()
+        print(f"no GPU: CUDA provider not usable here; skipped (report: {a.out})")
+        return 0
+    rep.data["device"] = gpu.session.get_provider_options().get(CUDA, {})
+    try:
+        import subprocess
+
+        rep.data["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except Exception as e:
+        rep.error("nvidia_smi", e)
+    try:
+        rep.data["parity"] = par = parity(cpu, gpu)
+        rep.save()
+        print(f"CUDA vs CPU parity: max |dp| = {par['max_abs_dp']:.3e}")
+    except Exception as e:
+        rep.error("parity", e)
+
+    batches = [int(b) for b in a.batches.split(",")]
+    f, hsz = cpu.n_features, cpu.hidden_size
+    variants = [("fp32", Path(a.model), np.float32)]
+    p16 = fp16_model(Path(a.model), Path(a.out).resolve().parent)
+    if p16 is not None:
+        variants.append(("fp16", p16, np.float16))
+    else:
+        rep.data["fp16"] = "skipped (onnxconverter_common not installed)"
+    rep.data["throughput_events_per_s"] = tp = {}
+    for name, path, dtype in variants:
+        try:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=[CUDA, CPU])
+            if sess.get_providers()[0] != CUDA:
+                raise RuntimeError(f"CUDA provider not granted for {name}")
+        except Exception as e:
+            rep.error(f"session_{name}", e)
+            continue
+        for mode, fn in (("run", throughput_run), ("iobinding", throughput_iobinding)):
+            key = f"{name}_{mode}"
+            tp[key] = {}
+            for b in batches:
+                if time.perf_counter() - t_start > MAX_TOTAL_SECONDS:
+                    rep.data["truncated"] = f"stopped at {key} batch {b}: time budget {MAX_TOTAL_SECONDS:.0f} s"
+                    break
+                try:
+                    tp[key][str(b)] = eps = fn(sess, b, f, hsz, dtype)
+                    print(f"{key:16s} batch {b:>6d}: {eps:>14,.0f} events/s")
+                except Exception as e:
+                    rep.error(f"{key}_{b}", e)
+                rep.save()
+    rep.data["status"] = "ok"
+    rep.data["seconds"] = time.perf_counter() - t_start
+    rep.save()
+    print(f"report: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

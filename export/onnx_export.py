@@ -1,0 +1,237 @@
+"""Export a checkpoint to the single-step ONNX graph, write catalog.csv beside it and check parity.
+
+    interest-stream export --checkpoint artifacts/models/movielens-100k/model.pt \
+        --out artifacts/models/movielens-100k/model.onnx
+    python -m export.onnx_export --checkpoint DIR/model.pt --out DIR/model.onnx
+
+The graph is stateless: inputs features (B, F), h (B, H), c (B, H) -> outputs probs (B, K), h_next, c_next,
+with a dynamic batch axis, exported with the TorchScript exporter (dynamo=False); the LSTM cell math is
+written out in models/model.py, so it exports as plain ops. The metadata_props carry ModelMeta
+(export/features.py): model version, vocabularies, initial state, prior and the sha256 of catalog.csv.
+
+Parity: random sequences and real users' sequences (kept in the checkpoint, encoded with the same
+FeatureEncoder the stream worker uses), length >= 50, batch 1, 7 and 512: the ONNX model stepped event by event
+on ONNX Runtime (CPU) against the PyTorch model run over the whole sequence. Prints max |dp| and fails
+(exit 1, model left as model.onnx.failed) above 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.features import FeatureEncoder, ModelMeta
+from models.checkpoint import load_checkpoint
+from models.errors import ModelError
+from models.model import InterestModel, StepModel
+
+PARITY_TOL = 1e-5
+PARITY_BATCHES = (1, 7, 512)
+PARITY_LENGTH = 64  # events per parity sequence (>= 50)
+OPSET = 17
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_catalog(path: Path, catalog: dict[str, list[str]]) -> str:
+    """catalog.csv (item_id,categories with "|"-separated raw categories) -> its sha256."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["item_id", "categories"])
+    for item, cats in catalog.items():
+        if any("|" in c for c in cats):
+            raise ModelError(f"item {item!r}: a category name contains '|', which catalog.csv cannot hold")
+        w.writerow([item, "|".join(cats)])
+    data = buf.getvalue().encode()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_meta(model: InterestModel, ckpt: dict, catalog_sha256: str) -> ModelMeta:
+    vocab = ckpt["vocab"]
+    with torch.no_grad():
+        h0, c0 = model.initial_state(1)
+        prior = model.prior()
+    return ModelMeta(
+        version=ckpt["version"],
+        categories=list(vocab["categories"]),
+        category_index=dict(vocab["category_index"]),
+        actions=list(vocab["actions"]),
+        default_action=vocab["default_action"],
+        hidden_size=model.cfg.state_size,
+        n_features=model.cfg.n_features,
+        h0=h0[0].numpy().astype(np.float32),
+        c0=c0[0].numpy().astype(np.float32),
+        prior=prior.numpy().astype(np.float32),
+        dataset=ckpt["dataset"],
+        catalog_sha256=catalog_sha256,
+        extra={
+            "model_config": ckpt["config"],
+            "train_config": ckpt.get("train_config", {}),
+            "summary": ckpt.get("summary", {}),
+            "metrics": ckpt.get("metrics", {}),
+        },
+    )
+
+
+def export_onnx(model: InterestModel, meta: ModelMeta, out: Path) -> None:
+    step = StepModel(model).eval()
+    b, hsz = 2, model.cfg.state_size
+    args = (torch.zeros(b, model.cfg.n_features), torch.zeros(b, hsz), torch.zeros(b, hsz))
+    names_in, names_out = ["features", "h", "c"], ["probs", "h_next", "c_next"]
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, on purpose
+        torch.onnx.export(
+            step,
+            args,
+            buf,
+            dynamo=False,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name = "interest-stream"
+    proto.doc_string = f"interest-stream single-step model {meta.version}"
+    del proto.metadata_props[:]
+    for k, v in meta.to_onnx_metadata().items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+
+
+def parity_sequences(encoder: FeatureEncoder, ckpt: dict, batch: int, length: int, seed: int) -> dict:
+    """-> {"random": x, "real": x} float32 (B, L, F), both built with the FeatureEncoder."""
+    rng = np.random.default_rng(seed)
+    k, a = encoder.k, encoder.a
+    n = batch * length
+    cats = [tuple(rng.choice(k, size=rng.integers(1, min(k, 4) + 1), replace=False)) for _ in range(n)]
+    gaps = rng.exponential(3600.0, size=n) * rng.choice([1e-3, 1.0, 100.0], size=n)
+    gaps[::length] = np.nan  # each sequence starts with a first event
+    out = {"random": encoder.encode(cats, rng.integers(0, a, size=n), gaps).reshape(batch, length, -1)}
+    users = [u for u in ckpt.get("parity_users", []) if len(u) >= length]
+    if users:
+        catalog = ckpt["catalog"]
+        rows = []
+        for i in range(batch):
+            evs = users[i % len(users)][:length]
+            ts = np.array([float(e[2]) for e in evs])
+            g = np.concatenate([[np.nan], np.diff(ts)])
+            c = [encoder.category_indices(catalog[e[0]]) for e in evs]
+            rows.append(encoder.encode(c, [encoder.action_index(e[1]) for e in evs], g))
+        out["real"] = np.stack(rows)
+    return out
+
+
+def check_parity(
+    model: InterestModel,
+    onnx_path: Path,
+    ckpt: dict,
+    batches=PARITY_BATCHES,
+    length=PARITY_LENGTH,
+    verbose: bool = True,
+) -> dict:
+    """Step the ONNX model event by event vs the PyTorch whole-sequence forward -> {case: max |dp|, "max": ...}."""
+    from export.runtime import StepSession
+
+    sess = StepSession(onnx_path, device="cpu")
+    results: dict[str, float] = {}
+    prior_err = float(np.abs(sess.meta.prior - model.prior().numpy()).max())
+    results["prior"] = prior_err
+    for b in batches:
+        for kind, x in parity_sequences(sess.encoder, ckpt, b, length, seed=b).items():
+            with torch.no_grad():
+                ref = model(torch.from_numpy(x)).numpy()  # (B, L+1, K)
+            h, c = sess.initial_state(b)
+            err = float(np.abs(ref[:, 0] - sess.meta.prior).max())
+            for t in range(x.shape[1]):
+                p, h, c = sess.step(x[:, t], h, c)
+                err = max(err, float(np.abs(p - ref[:, t + 1]).max()))
+            results[f"{kind} batch={b}"] = err
+            if verbose:
+                print(f"parity {kind:6s} batch={b:<4d} length={x.shape[1]}: max |dp| = {err:.3e}")
+    results["max"] = max(results.values())
+    return results
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, verbose: bool = True) -> dict:
+    """Export + catalog.csv + parity check; -> parity results. Raises ModelError when parity fails."""
+    model, ckpt = load_checkpoint(checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sha = write_catalog(out.parent / "catalog.csv", ckpt["catalog"])
+    meta = build_meta(model, ckpt, sha)
+    tmp = out.with_name(out.name + ".tmp")
+    export_onnx(model, meta, tmp)
+    res = check_parity(model, tmp, ckpt, verbose=verbose)
+    if verbose:
+        print(f"parity max |dp| = {res['max']:.3e} (tolerance {PARITY_TOL:.0e}); prior |dp| = {res['prior']:.3e}")
+    if not res["max"] <= PARITY_TOL:
+        os.replace(tmp, out.with_name(out.name + ".failed"))
+        raise ModelError(f"ONNX parity failed: max |dp| = {res['max']:.3e} > {PARITY_TOL:.0e}")
+    os.replace(tmp, out)
+    if verbose:
+        print(f"exported {meta.version} -> {out} (K={len(meta.categories)}, H={meta.hidden_size})")
+    return res
+
+
+def build_default_model(
+    out_dir: str | Path = "artifacts/models/movielens-100k",
+    data: str | Path = "../shared/data/ml-100k",
+    fast: bool = False,
+    verbose: bool = False,
+) -> Path:
+    """Train (if model.pt is absent) and export (if model.onnx is absent or older) -> the model.onnx path.
+
+    Relative paths are taken from the repository root. fast=True trains a small model in a few epochs
+    (for tests and demos; it still beats the popularity baseline).
+    """
+    from models.train import TrainConfig, train
+
+    out_dir = out_dir if Path(out_dir).is_absolute() else REPO / out_dir
+    data = data if Path(data).is_absolute() else REPO / data
+    out_dir = Path(out_dir)
+    ckpt, onnx_path = out_dir / "model.pt", out_dir / "model.onnx"
+    if not ckpt.is_file():
+        if fast:
+            tc, mc = TrainConfig(epochs=4, patience=2, batch_users=48, lr=1e-2), {"hidden_size": 32}
+        else:
+            tc, mc = TrainConfig(), {}
+        train("movielens-100k", data, out_dir, tc=tc, model_overrides=mc, progress=verbose)
+    if not onnx_path.is_file() or onnx_path.stat().st_mtime < ckpt.stat().st_mtime:
+        export_checkpoint(ckpt, onnx_path, verbose=verbose)
+    return onnx_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model.pt written by train")
+    parser.add_argument("--out", help="model.onnx path (default: beside the checkpoint)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("model.onnx")
+    try:
+        export_checkpoint(args.checkpoint, out)
+    except ModelError as e:
+        if "parity failed" not in str(e):
+            raise
+        print(str(e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m export.onnx_export", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    raise SystemExit(run(ap.parse_args()))
