@@ -146,9 +146,7 @@ class ModelMeta:
         if meta.default_action not in actions or any(not 0 <= i < k for i in index.values()):
             raise ModelError("model metadata: default_action or category_index out of the vocabulary")
         if meta.gap_log_scale != GAP_LOG_SCALE:
-            raise ModelError(
-                f"model gap_log_scale {meta.gap_log_scale} differs from this code's {GAP_LOG_SCALE}"
-            )
+            raise ModelError(f"model gap_log_scale {meta.gap_log_scale} differs from this code's {GAP_LOG_SCALE}")
         return meta
 
 

@@ -38,6 +38,7 @@ class ModelConfig:
     dropout: float = 0.2  # on the LSTM input and on the head input
     memory: bool = True  # the decayed category memories and the mixture head
     state_drift: bool = True  # pull the state toward the learned initial state by the time gap
+    memory_logits: bool = True  # the softmax head also reads the normalised memories (a learned K x 2K map)
 
     @property
     def state_size(self) -> int:
@@ -86,6 +87,9 @@ class InterestModel(nn.Module):
         if cfg.memory:
             self.mem_decay = nn.Linear(t, 2)  # decay of the fast and the slow memory
             self.mix = nn.Linear(hl, 3)  # mixture weights of (softmax head, fast memory, slow memory)
+            if cfg.memory_logits:
+                self.mem_head = nn.Linear(2 * k, k, bias=False)
+                nn.init.zeros_(self.mem_head.weight)
             with torch.no_grad():
                 self.mem_decay.weight.zero_()
                 self.mem_decay.bias.copy_(torch.tensor([0.0, 3.0]))  # d = 0.5 and 0.95
@@ -120,17 +124,18 @@ class InterestModel(nn.Module):
 
     def probs(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """State (N, H) -> next-event category distribution (N, K)."""
-        hl = self.cfg.hidden_size
+        hl, k = self.cfg.hidden_size, self.cfg.n_categories
         hs = self.drop(h[:, :hl])
-        p = F.softmax(self.head(hs), dim=-1)
         if not self.cfg.memory:
-            return p
-        w = F.softmax(self.mix(hs), dim=-1)  # (N, 3)
-        k = self.cfg.n_categories
+            return F.softmax(self.head(hs), dim=-1)
         fast, slow = h[:, hl:], c[:, hl:]
-        pf = (fast + 1e-6 / k) / (fast.sum(dim=1, keepdim=True) + 1e-6)  # uniform while empty
+        pf = (fast + 1e-6 / k) / (fast.sum(dim=1, keepdim=True) + 1e-6)  # (N, K), uniform while empty
         ps = (slow + 1e-6 / k) / (slow.sum(dim=1, keepdim=True) + 1e-6)
-        return w[:, 0:1] * p + w[:, 1:2] * pf + w[:, 2:3] * ps
+        logits = self.head(hs)
+        if self.cfg.memory_logits:
+            logits = logits + self.mem_head(torch.cat([pf, ps], dim=1))
+        w = F.softmax(self.mix(hs), dim=-1)  # (N, 3)
+        return w[:, 0:1] * F.softmax(logits, dim=-1) + w[:, 1:2] * pf + w[:, 2:3] * ps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Sequences x (B, L, F) -> predictions (B, L + 1, K); [:, j] predicts event j from events < j."""

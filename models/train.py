@@ -64,9 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
-    tc = TrainConfig(
-        **{f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
-    )
+    tc = TrainConfig(**{f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None})
     mc = {n: v for n in ("hidden_size", "action_dim", "dropout") if (v := getattr(args, n, None)) is not None}
     if getattr(args, "no_memory", False):
         mc["memory"] = False
@@ -126,9 +124,7 @@ def masked_ce(p: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return (ce * mask).sum() / mask.sum()
 
 
-def fit(
-    model: InterestModel, seqs: UserSequences, tc: TrainConfig, progress: bool = True
-) -> tuple[list[dict], int]:
+def fit(model: InterestModel, seqs: UserSequences, tc: TrainConfig, progress: bool = True) -> tuple[list[dict], int]:
     """Train with AdamW and early stopping on validation ce; restores the best epoch's weights."""
     rng = np.random.default_rng(tc.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -266,15 +262,15 @@ def train(
     seqs = build_sequences(ds, vocab)
     targets = {s: int(sum(len(t) for t in seqs.targets(s))) for s in SPLITS}
     if targets["train"] == 0 or targets["val"] == 0:
-        raise ConfigError(
-            f"{dataset}: too few events per user for the 80/10/10 protocol (targets: {targets})"
-        )
+        raise ConfigError(f"{dataset}: too few events per user for the 80/10/10 protocol (targets: {targets})")
     cfg = ModelConfig(n_categories=seqs.k, n_actions=seqs.n_actions, **(model_overrides or {}))
     model = InterestModel(cfg)
     history, best_epoch = fit(model, seqs, tc, progress)
     train_seconds = time.perf_counter() - t_start
 
     preds = {"lstm": predict(model, seqs, tc.eval_batch)}
+    # real sequences for the export's parity check: up to 512 users' first 64 raw events
+    parity_users = [[[e.item_id, e.action, e.ts] for e in evs[:64]] for evs in ds.by_user().values() if len(evs) >= 64]
     base_preds, base_params = run_baselines(seqs)
     preds.update(base_preds)
     report: dict = {
@@ -310,6 +306,7 @@ def train(
             "catalog": ds.catalog,
             "train_config": asdict(tc),
             "metrics": {"test": report["test"]["lstm"], "val": report["val"]["lstm"]},
+            "parity_users": parity_users[:512],
         },
     )
     report["version"] = ckpt["version"]
