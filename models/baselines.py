@@ -78,9 +78,7 @@ def markov_counts(seqs: UserSequences) -> np.ndarray:
     return t
 
 
-def predict_markov(
-    seqs: UserSequences, counts: np.ndarray, pop: np.ndarray, alpha: float
-) -> list[np.ndarray]:
+def predict_markov(seqs: UserSequences, counts: np.ndarray, pop: np.ndarray, alpha: float) -> list[np.ndarray]:
     trans = (counts + alpha * pop) / (counts.sum(axis=1, keepdims=True) + alpha)
     out = []
     for u in range(len(seqs.users)):

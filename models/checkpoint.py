@@ -61,16 +61,12 @@ def load_checkpoint(path: str | Path) -> tuple[InterestModel, dict]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelError(f"{p}: not an interest-stream checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise ModelError(
-            f"{p}: checkpoint format {ckpt.get('format_version')} unsupported (want {FORMAT_VERSION})"
-        )
+        raise ModelError(f"{p}: checkpoint format {ckpt.get('format_version')} unsupported (want {FORMAT_VERSION})")
     try:
         model = InterestModel(ModelConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise ModelError(
-            f"{p}: checkpoint does not match the model code ({str(e).splitlines()[0][:200]})"
-        ) from None
+        raise ModelError(f"{p}: checkpoint does not match the model code ({str(e).splitlines()[0][:200]})") from None
     model.eval()
     return model, ckpt
 

@@ -133,9 +133,7 @@ def load_movielens(data: str | Path) -> Dataset:
                 continue
             parts = row.split()
             if len(parts) != 4:
-                raise _err(
-                    udata, ln, f"expected 4 tab-separated fields user item rating ts, got {len(parts)}"
-                )
+                raise _err(udata, ln, f"expected 4 tab-separated fields user item rating ts, got {len(parts)}")
             user, item, rating, ts = parts
             if rating not in ("1", "2", "3", "4", "5"):
                 raise _err(udata, ln, f"bad rating {rating!r} (want 1..5)")
@@ -159,9 +157,7 @@ def load_taobao(data: str | Path) -> Dataset:
             if not row:
                 continue
             if len(row) != 5:
-                raise _err(
-                    path, ln, f"expected 5 fields user_id,item_id,category_id,behavior,ts, got {len(row)}"
-                )
+                raise _err(path, ln, f"expected 5 fields user_id,item_id,category_id,behavior,ts, got {len(row)}")
             user, item, cat, behavior, ts = (x.strip() for x in row)
             if not user or not item or not cat:
                 raise _err(path, ln, "empty user_id, item_id or category_id")
