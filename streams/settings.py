@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     """Most categories one event may carry."""
     max_future_s: float = Field(86_400.0, ge=0)
     """Events stamped further than this into the future are dead-lettered."""
-    dedup_window: int = Field(32, ge=0, le=1024)
+    dedup_window: int = Field(256, ge=0, le=4096)
     """Per user, fingerprints of this many recent events are kept to drop producer re-sends."""
     cache_size: int = Field(200_000, ge=0)
     """Users whose state is cached in the worker process (dropped on partition revocation)."""

@@ -66,10 +66,13 @@ class UserState:
     recent: bytes = b""  # fingerprints of the last applied events (8 bytes each, oldest first)
 
     def seen(self, fingerprint: bytes) -> bool:
+        """True if ``fingerprint`` is among the recent ones (8-byte aligned match, searched in C)."""
         rec = self.recent
-        for i in range(0, len(rec), 8):
-            if rec[i : i + 8] == fingerprint:
+        i = rec.find(fingerprint)
+        while i != -1:
+            if i % 8 == 0:
                 return True
+            i = rec.find(fingerprint, i + 1)
         return False
 
 

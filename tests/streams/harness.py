@@ -1,0 +1,184 @@
+"""Helpers for tests that run real worker processes against the session's broker and Redis.
+
+worker = start_worker(names, kafka_bootstrap, redis_url, model, tmp_path)
+produce(kafka_bootstrap, names.input_topic, events)
+wait_for(lambda: applied_events(client, names.redis_prefix) == len(events), 60, "all events applied")
+worker.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from kafka import KafkaConsumer, KafkaProducer
+
+from streams.services import free_port, stop_pid
+from tests.conftest import REPO
+
+TEST_SESSION_TIMEOUT_S = "6"  # Tansu: joining a group takes about half the session timeout
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+    """Poll until ``predicate()`` is truthy; fail the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # not ready yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}" + (f" (last error {last_exc!r})" if last_exc else "")
+    )
+
+
+@dataclass
+class WorkerProcess:
+    """One ``interest-stream worker`` process with its own metrics port and log file."""
+
+    proc: subprocess.Popen
+    metrics_port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples (0 if absent); raises while the endpoint is not up."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
+            total = 0.0
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name) and (line[len(name)] in " {"):
+                    total += float(line.rsplit(" ", 1)[1])
+            return total
+
+    def kill(self) -> None:
+        """kill -9."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit code."""
+        stop_pid(self.proc.pid, signal.SIGTERM, timeout)
+        return self.proc.wait(timeout=5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def worker_env(names, kafka_bootstrap: str, redis_url: str, model: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")}
+    env.update(names.worker_env(kafka_bootstrap, redis_url))
+    env.update(
+        {
+            "INTEREST_MODEL_PATH": str(model),
+            "INTEREST_SESSION_TIMEOUT_S": TEST_SESSION_TIMEOUT_S,
+            "INTEREST_WEB_PORT": "0",
+            "INTEREST_PARTITIONS": "4",
+            "INTEREST_DEVICE": "cpu",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def start_worker(
+    names, kafka_bootstrap: str, redis_url: str, model: Path, log_dir: Path, ready: bool = True, **extra: str
+) -> WorkerProcess:
+    """Start a worker; with ``ready`` wait until its metrics endpoint answers (the model loaded, topics exist)."""
+    port = free_port()
+    env = worker_env(names, kafka_bootstrap, redis_url, model, INTEREST_METRICS_PORT=str(port), **extra)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"worker-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+    w = WorkerProcess(proc, port, log)
+    if ready:
+        wait_for(lambda: w.alive() and w.metric("interest_events_in_total") >= 0, 60, f"worker metrics ({log})")
+    return w
+
+
+def produce(
+    kafka_bootstrap: str,
+    topic: str,
+    events: Iterable[dict | bytes],
+    key: Callable[[object], bytes | None] | None = None,
+) -> int:
+    """Send events (dicts are JSON-encoded) keyed by their user id (or by ``key(event)``); returns the count."""
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5, acks=1)
+    n = 0
+    try:
+        for ev in events:
+            value = ev if isinstance(ev, bytes) else orjson.dumps(ev)
+            if key is not None:
+                k = key(ev)
+            elif isinstance(ev, dict):
+                k = str(ev["user_id"]).encode()
+            else:
+                k = None
+            producer.send(topic, key=k, value=value)
+            n += 1
+        producer.flush()
+    finally:
+        producer.close()
+    return n
+
+
+def consume_all(kafka_bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list:
+    """Read ``expected`` records from the start of ``topic`` (no group); fails on timeout."""
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    got: list = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(got) < expected and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                got.extend(records)
+    finally:
+        consumer.close()
+    assert len(got) >= expected, f"{topic}: got {len(got)} records, expected {expected}"
+    return got
+
+
+def applied_events(client, prefix: str) -> int:
+    """Sum of the ``events`` field over all users under ``prefix`` (what the workers have applied)."""
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if not keys:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for k in keys:
+        pipe.hget(k, "events")
+    return sum(int(v or 0) for v in pipe.execute())
+
+
+def ml_events(data_dir: Path, limit: int, users: int | None = None) -> list[dict]:
+    """The first ``limit`` ML-100K events as the replay tool produces them (optionally only ``users`` users)."""
+    from models.data import load_dataset
+    from streams.replay import wire_events
+
+    ds = load_dataset("movielens-100k", data_dir / "ml-100k")
+    events = list(wire_events(ds))
+    if users is not None:
+        keep = set(list(dict.fromkeys(e["user_id"] for e in events))[:users])
+        events = [e for e in events if e["user_id"] in keep]
+    return events[:limit]
