@@ -130,7 +130,8 @@ def test_wrongly_keyed_events_are_rekeyed_and_applied_in_order(
     names, kafka_bootstrap, redis_url, trained_model, data_dir, rclient, settings_for, tmp_path
 ):
     events = ml_events(data_dir, 2000)
-    produce(kafka_bootstrap, names.input_topic, events, key=lambda ev: None)  # no key at all
+    # keyed by something else (one partition, so Kafka keeps their order; the worker must restore per-user routing)
+    produce(kafka_bootstrap, names.input_topic, events, key=lambda ev: b"session-42")
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
     try:
         wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "events applied via re-key")

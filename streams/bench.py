@@ -1,0 +1,1043 @@
+"""``interest-stream bench --out DIR [--quick] [--model PATH] [--no-profile]``: the worker against its ceilings.
+
+    interest-stream bench --out artifacts/bench                 # full run, ~10-15 min on 2 cores
+    interest-stream bench --out artifacts/bench-quick --quick   # CI smoke, < 3 min (small event counts)
+
+Everything runs in one go on one broker (Tansu) and one Redis, both started here on free ports and stopped at the end,
+with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: a fast model in
+``artifacts/models/bench-fast``). Figures (events/s unless said otherwise):
+
+1. ceilings: (a) ``faust_noop_eps``: a Faust agent in its own process (``python -m streams.bench noop-worker``) that
+   takes batches of 2000 with ``take_events`` (the worker's call) from the pre-filled JSON topic and discards them;
+   (b) ``aiokafka_raw_eps``: a bare aiokafka consumer (``getmany``, no group) on the same topic; (c) ``ort_step_eps``:
+   ``StepSession.step`` alone (1 intra-op thread, as the worker) over the round sizes the worker sees when it takes
+   2000 ML-100K events at a time; (d) ``redis_pipeline_eps``: ``StateStore.write`` (CAS script, one pipeline) of
+   worker-shaped user records, 2000 per pipeline (writes/s: the worker writes at most one per user per batch).
+2. the product: ``interest-stream worker`` processes over ML-100K replayed ``loops`` times with user ids distinct per
+   loop, pre-filled, measured from the first to the last applied event by polling the workers'
+   ``interest_events_applied_total``; one worker, then two (each run: fresh consumer group, output topics, Redis db
+   and prefix; the read-only input topic is shared).
+3. ``naive_eps``: the same decoder/encoder/session/state code, one event at a time: one ORT call, one Redis write and
+   one awaited send per event (``async for`` over an aiokafka consumer, ``InterestProcessor.prepare([msg])``).
+4. latency at an offered rate of half ``product_eps_1w`` (paced kafka-python producer, fresh topic, warm worker):
+   ``latency_ms`` = produce -> Redis written, quantiles interpolated in the buckets of the worker's
+   ``interest_latency_from_produce_seconds`` histogram (delta over the measured window; buckets 25/50/100 ms, so a
+   quantile is exact to its bucket); ``latency_output_ms`` = produce -> output record, exact per event: the output
+   record's Kafka timestamp (set when the worker hands it to its producer) minus the time the bench sent the input.
+5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
+   1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
+   costs a Redis read, a cold start and a new key); worker RSS (psutil, max during the run) and Redis bytes per user
+   (``INFO memory`` used_memory delta / ``DBSIZE`` of the run's db).
+
+With profiling on (default in the full run), an extra one-worker product run is sampled with ``py-spy record``
+(raw, ``DIR/profile-1w.txt``) and the top functions land in ``bench.json["profile"]``.
+Outputs: ``DIR/bench.json``, ``DIR/bench.md`` (table, targets, pass/fail), ``DIR/bench.png`` (throughput bars and
+latency CDF); worker and service logs under ``DIR/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
+MAX_BATCH = 2000  # the worker's default take(max_batch)
+SESSION_TIMEOUT_S = "6"  # Tansu: joining a group takes about half the session timeout
+
+TARGETS = {
+    "product_vs_noop": 0.70,
+    "product_eps_1w": 8000.0,
+    "product_vs_naive": 10.0,
+    "latency_p99_ms": 50.0,
+    "users_1m_vs_1k": 0.8,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Event counts and durations of one bench run."""
+
+    quick: bool
+    product_limit: int | None  # events of ML-100K per loop (None: all 100k)
+    loops: int
+    naive_events: int
+    latency_seconds: float
+    latency_warmup: int
+    scale_events: int
+    ort_seconds: float
+    redis_writes: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(True, 10_000, 2, 1_500, 4.0, 200, 20_000, 0.5, 10_000)
+        return cls(False, None, 2, 15_000, 20.0, 1_000, 200_000, 2.0, 40_000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """All samples of a Prometheus endpoint: ``name{labels}`` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def metric_sum(samples: dict[str, float], name: str) -> float:
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def histogram_buckets(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
+    """[(upper edge, cumulative count)] of a histogram, +Inf last."""
+    out = []
+    prefix = name + '_bucket{le="'
+    for k, v in samples.items():
+        if k.startswith(prefix):
+            edge = k[len(prefix) : k.index('"', len(prefix))]
+            out.append((float("inf") if edge == "+Inf" else float(edge), v))
+    return sorted(out)
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """Prometheus-style quantile: linear inside the bucket that holds it (lower edge 0 for the first)."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    prev_edge, prev_count = 0.0, 0.0
+    for edge, count in buckets:
+        if count >= rank:
+            if edge == float("inf"):
+                return prev_edge
+            inside = count - prev_count
+            return prev_edge + (edge - prev_edge) * ((rank - prev_count) / inside if inside else 1.0)
+        prev_edge, prev_count = edge, count
+    return prev_edge
+
+
+def quantiles_ms(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    arr = np.asarray(values) * 1e3
+    return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in (50, 95, 99)}
+
+
+def scale_events(ds, total: int, users: int) -> Iterator[dict[str, object]]:
+    """The real ML-100K stream (looped, event ids distinct per loop) with each event's user id hashed into ``users``."""
+    from streams.replay import wire_events
+
+    loops = -(-total // len(ds.events))
+    for i, ev in enumerate(itertools.islice(wire_events(ds, loops=loops), total)):
+        digest = hashlib.blake2b(f"{ev['user_id']}#{i}".encode(), digest_size=8).digest()
+        ev["user_id"] = f"s{int.from_bytes(digest, 'little') % users}"
+        yield ev
+
+
+async def start_store(store) -> None:
+    """``StateStore.start`` minus its script load (``AsyncScript`` has no ``.client`` in redis-py 8): ping, load."""
+    from streams.state import CAS_WRITE
+
+    await store.client.ping()
+    await store.client.script_load(CAS_WRITE)
+
+
+@dataclass
+class WorkerProc:
+    proc: subprocess.Popen
+    metrics_port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def samples(self) -> dict[str, float]:
+        return scrape(self.metrics_port)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(interval)
+    from models.errors import ServiceError
+
+    raise ServiceError(f"bench: timed out after {timeout:.0f}s waiting for {what}" + (f" ({last!r})" if last else ""))
+
+
+def stop_all(procs: Iterable[subprocess.Popen], timeout: float = 15.0) -> None:
+    """SIGTERM every process first, then wait for each (SIGKILL after ``timeout``)."""
+    from streams.services import stop_pid
+
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    for p in procs:
+        stop_pid(p.pid, signal.SIGTERM, timeout)
+        with contextlib.suppress(Exception):
+            p.wait(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the harness
+
+
+@dataclass
+class Bench:
+    out: Path
+    plan: Plan
+    model: Path
+    data: Path
+    bootstrap: str = ""
+    redis_base: str = ""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    _db: int = 0
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    # ---- names and settings -----------------------------------------------------------------------------------
+    def names(self, tag: str, input_topic: str | None = None) -> dict[str, str]:
+        """INTEREST_* variables of one run: its own group, output topics, Redis db and prefix."""
+        self._db = self._db % 15 + 1
+        base = f"bench-{self.run_id}-{tag}"
+        return {
+            "INTEREST_KAFKA_BOOTSTRAP": self.bootstrap,
+            "INTEREST_REDIS_URL": f"{self.redis_base}/{self._db}",
+            "INTEREST_INPUT_TOPIC": input_topic or f"{base}-clicks",
+            "INTEREST_OUTPUT_TOPIC": f"{base}-interests",
+            "INTEREST_DLQ_TOPIC": f"{base}-dlq",
+            "INTEREST_REKEY_TOPIC": f"{base}-rekeyed",
+            "INTEREST_APP_ID": base,
+            "INTEREST_REDIS_PREFIX": f"b{self.run_id}{tag}:",
+            "INTEREST_MODEL_PATH": str(self.model),
+            "INTEREST_PARTITIONS": "8",
+            "INTEREST_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S,
+            "INTEREST_WEB_PORT": "0",
+            "INTEREST_DEVICE": "cpu",
+        }
+
+    @staticmethod
+    def settings(env: dict[str, str]):
+        from streams.settings import get_settings
+
+        return get_settings(**{k[len("INTEREST_") :].lower(): v for k, v in env.items()})
+
+    # ---- processes ----------------------------------------------------------------------------------------------
+    def start_worker(self, env: dict[str, str], name: str) -> WorkerProc:
+        from streams.services import free_port
+
+        port = free_port()
+        full = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")}
+        full.update(env)
+        full.update({"INTEREST_METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"})
+        self.logs.mkdir(parents=True, exist_ok=True)
+        path = self.logs / f"{name}.log"
+        with open(path, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker"],
+                env=full,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.procs.append(proc)
+        return WorkerProc(proc, port, path)
+
+    def wait_ready(self, workers: list[WorkerProc]) -> None:
+        for w in workers:
+
+            def up(w=w) -> bool:
+                if not w.alive():
+                    from models.errors import ServiceError
+
+                    tail = w.log.read_text(errors="replace")[-2000:]
+                    raise ServiceError(f"worker exited with {w.proc.returncode}: {tail}")
+                return metric_sum(w.samples(), "interest_events_in_total") >= 0
+
+            wait_for(up, 120, f"worker metrics ({w.log})", 0.2)
+
+    def prefill(self, env: dict[str, str], events: Iterable[dict[str, object]], total: int) -> float:
+        """Produce ``events`` into the run's input topic (creating its topics); returns events/s of the producer."""
+        from streams.replay import produce
+
+        t0 = time.perf_counter()
+        sent = produce(self.settings(env), iter(events), total, None, False)
+        eps = sent / (time.perf_counter() - t0)
+        log(f"pre-filled {env['INTEREST_INPUT_TOPIC']} with {sent:,} events ({eps:,.0f}/s)")
+        return eps
+
+    # ---- 1a: Faust no-op -------------------------------------------------------------------------------------------
+    def faust_noop(self, topic: str, n: int) -> dict:
+        result = self.logs / "noop-result.json"
+        result.unlink(missing_ok=True)
+        with open(self.logs / "noop-worker.log", "wb") as out:
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "streams.bench", "noop-worker", "--bootstrap", self.bootstrap),
+                    *("--topic", topic, "--group", f"bench-{self.run_id}-noop"),
+                    *("--expect", str(n), "--result", str(result)),
+                ],
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.procs.append(proc)
+        try:
+            wait_for(lambda: result.is_file() or proc.poll() is not None, 60 + n / 2000, "the Faust no-op agent", 0.2)
+        finally:
+            stop_all([proc], 10)
+        if not result.is_file():
+            from models.errors import ServiceError
+
+            raise ServiceError(f"noop worker failed; see {self.logs / 'noop-worker.log'}")
+        r = json.loads(result.read_text())
+        eps = (r["events"] - r["first_batch"]) / max(r["last"] - r["first"], 1e-9)
+        return {"eps": eps, "events": r["events"], "seconds": r["last"] - r["first"], "batches": r["batches"]}
+
+    # ---- 1b: aiokafka raw -------------------------------------------------------------------------------------------
+    def aiokafka_raw(self, topic: str, n: int) -> dict:
+        async def go() -> dict:
+            from aiokafka import AIOKafkaConsumer
+
+            c = AIOKafkaConsumer(
+                topic,
+                bootstrap_servers=self.bootstrap,
+                group_id=None,
+                auto_offset_reset="earliest",
+                enable_auto_commit=False,
+                max_poll_records=MAX_BATCH,
+            )
+            await c.start()
+            try:
+                got, first_n, t0 = 0, 0, None
+                while got < n:
+                    batch = await c.getmany(timeout_ms=1000, max_records=MAX_BATCH)
+                    k = sum(len(v) for v in batch.values())
+                    if k and t0 is None:
+                        t0, first_n = time.perf_counter(), k
+                    got += k
+                t1 = time.perf_counter()
+            finally:
+                await c.stop()
+            return {"eps": (got - first_n) / max(t1 - t0, 1e-9), "events": got, "seconds": t1 - t0}
+
+        return asyncio.run(go())
+
+    # ---- 1c: ORT step alone -----------------------------------------------------------------------------------------
+    def ort_step(self, events: list[dict], seconds: float) -> dict:
+        import numpy as np
+
+        from export.runtime import StepSession, bench
+
+        session = StepSession(self.model, device="cpu", intra_op_threads=1)
+        chunks = []
+        for s in range(0, len(events) - MAX_BATCH + 1, MAX_BATCH):
+            counts = np.array(sorted(Counter(e["user_id"] for e in events[s : s + MAX_BATCH]).values(), reverse=True))
+            chunks.append((len(counts), [int(np.count_nonzero(counts > r)) for r in range(int(counts[0]))]))
+        rng = np.random.default_rng(0)
+        hidden, nf = session.hidden_size, session.n_features
+        x = rng.random((MAX_BATCH, nf), dtype=np.float32)
+        done, elapsed, steps = 0, 0.0, 0
+        while elapsed < seconds:
+            for users, sizes in chunks:
+                H, C = session.initial_state(users)
+                t0 = time.perf_counter()
+                for size in sizes:  # the worker's rounds: users with more than r events in the batch
+                    s = np.arange(size)
+                    _p, h, c = session.step(x[:size], H[s], C[s])
+                    H[s] = h
+                    C[s] = c
+                elapsed += time.perf_counter() - t0
+                done += sum(sizes)
+                steps += len(sizes)
+        by_batch = {str(b): round(v) for b, v in bench(session, [1, 64, 256, 1024, MAX_BATCH], 0.2).items()}
+        return {
+            "eps": done / elapsed,
+            "rounds_per_batch": steps / max(1, done / MAX_BATCH),
+            "mean_round": done / max(steps, 1),
+            "by_batch_eps": by_batch,
+            "hidden": hidden,
+        }
+
+    # ---- 1d: Redis pipelined writes ---------------------------------------------------------------------------------
+    def redis_pipeline(self, total: int) -> dict:
+        import numpy as np
+        import orjson
+
+        from streams.state import StateStore, UserState, UserWrite, encode_state
+
+        env = self.names("redis")
+        settings = self.settings(env)
+
+        async def go() -> dict:
+            from export.runtime import StepSession
+
+            meta = StepSession(self.model, device="cpu").meta
+            store = StateStore(settings, meta.version, meta.hidden_size)
+            await start_store(store)
+            k = len(meta.categories)
+            st = UserState(
+                h=np.full(meta.hidden_size, 0.1, np.float32),
+                c=np.full(meta.hidden_size, 0.2, np.float32),
+                events=1,
+                last_ts=893286638.0,
+                positions={"clicks:3": 123456},
+                recent=os.urandom(8 * 100),
+            )
+            fields = encode_state(st)
+            probs = np.full(k, 1.0 / k, dtype=np.float32)
+            fields["probs"] = orjson.dumps(probs, option=orjson.OPT_SERIALIZE_NUMPY)
+            fields["top"] = orjson.dumps([{"category": c, "p": 1.0 / k} for c in meta.categories[:5]])
+            fields["model_version"] = meta.version
+            fields["updated_at"] = repr(time.time())
+            done, t0 = 0, time.perf_counter()
+            while done < total:
+                users = [f"u{done + i}" for i in range(MAX_BATCH)]
+                writes = [UserWrite(store.prefix + u, fields, 1) for u in users]
+                await store.write(writes, dict.fromkeys(users, st))
+                done += len(users)
+            elapsed = time.perf_counter() - t0
+            await store.close()
+            return {"eps": done / elapsed, "writes": done, "per_pipeline": MAX_BATCH}
+
+        return asyncio.run(go())
+
+    # ---- 2 and 5: the product ---------------------------------------------------------------------------------------
+    def product(self, env: dict[str, str], n: int, workers: int, name: str, profile: Path | None = None) -> dict:
+        import psutil
+        import redis
+
+        rclient = redis.Redis.from_url(env["INTEREST_REDIS_URL"])
+        mem0 = int(rclient.info("memory")["used_memory"])
+        procs = [self.start_worker(env, f"{name}-{i}") for i in range(workers)]
+        spy = None
+        try:
+            self.wait_ready(procs)
+            if profile is not None:
+                spy = start_py_spy(procs[0].pid, profile, self.logs / f"{name}-py-spy.log")
+            ps = [psutil.Process(w.pid) for w in procs]
+            rss = [0] * workers
+            t_first = a_first = t_last = None
+            deadline = time.monotonic() + 120 + n / 500
+            while True:
+                applied = sum(metric_sum(w.samples(), "interest_events_applied_total") for w in procs)
+                now = time.perf_counter()
+                for i, p in enumerate(ps):
+                    with contextlib.suppress(psutil.Error):
+                        rss[i] = max(rss[i], p.memory_info().rss)
+                if applied > 0 and t_first is None:
+                    t_first, a_first = now, applied
+                if applied >= n:
+                    t_last = now
+                    break
+                for w in procs:
+                    if not w.alive():
+                        from models.errors import ServiceError
+
+                        raise ServiceError(f"worker died: see {w.log}")
+                if time.monotonic() > deadline:
+                    from models.errors import ServiceError
+
+                    raise ServiceError(f"{name}: only {applied:.0f}/{n} events applied before the deadline")
+                time.sleep(0.1)
+            final = [w.samples() for w in procs]
+        finally:
+            if spy is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    spy.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy.wait(timeout=30)
+            stop_all([w.proc for w in procs])
+        seconds = max(t_last - t_first, 1e-9)
+        eps = (n - a_first) / seconds
+        batches = sum(metric_sum(s, "interest_batch_size_count") for s in final)
+        ort_s = sum(metric_sum(s, "interest_ort_step_seconds_sum") for s in final)
+        redis_s = sum(metric_sum(s, "interest_redis_write_seconds_sum") for s in final)
+        keys = int(rclient.dbsize())
+        mem1 = int(rclient.info("memory")["used_memory"])
+        rclient.close()
+        log(f"{name}: {n:,} events, {workers} worker(s): {eps:,.0f} ev/s over {seconds:.1f}s")
+        return {
+            "eps": eps,
+            "events": n,
+            "workers": workers,
+            "seconds": seconds,
+            "mean_batch": n / max(batches, 1),
+            "ort_share": ort_s / (seconds * workers),
+            "redis_write_share": redis_s / (seconds * workers),
+            "rss_mb": [round(r / 2**20, 1) for r in rss],
+            "redis_keys": keys,
+            "redis_used_delta_bytes": mem1 - mem0,
+            "redis_bytes_per_user": (mem1 - mem0) / keys if keys else float("nan"),
+        }
+
+    # ---- 3: naive -------------------------------------------------------------------------------------------------
+    def naive(self, topic: str, n: int) -> dict:
+        env = self.names("naive", topic)
+        settings = self.settings(env)
+        from streams.kafka import ensure_topics
+
+        ensure_topics(settings)
+
+        async def go() -> dict:
+            from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+            from export.runtime import StepSession
+            from streams.processor import InterestProcessor, RawMessage
+            from streams.state import StateStore
+
+            session = StepSession(self.model, device="cpu", intra_op_threads=1)
+            store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+            await start_store(store)
+            processor = InterestProcessor(session, store, settings, session.load_catalog())
+            consumer = AIOKafkaConsumer(
+                topic, bootstrap_servers=self.bootstrap, group_id=None, auto_offset_reset="earliest"
+            )
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks=1)
+            await consumer.start()
+            await producer.start()
+            done, t0 = 0, None
+            try:
+                async for rec in consumer:  # one event at a time, end to end
+                    if t0 is None:
+                        t0 = time.perf_counter()
+                    msg = RawMessage(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp / 1e3)
+                    plan = await processor.prepare([msg])  # one ORT call
+                    for key, value in plan.outputs:
+                        await producer.send_and_wait(settings.output_topic, value, key=key)  # one awaited send
+                    await store.write(plan.writes, plan.states)  # one Redis write
+                    done += 1
+                    if done >= n:
+                        break
+                t1 = time.perf_counter()
+            finally:
+                await consumer.stop()
+                await producer.stop()
+                await store.close()
+            return {"eps": (done - 1) / max(t1 - t0, 1e-9), "events": done, "seconds": t1 - t0}
+
+        r = asyncio.run(go())
+        log(f"naive: {r['events']:,} events: {r['eps']:,.0f} ev/s")
+        return r
+
+    # ---- 4: latency ------------------------------------------------------------------------------------------------
+    def latency(self, ds, rate: float, seconds: float, warmup: int) -> dict:
+        import orjson
+        from kafka import KafkaConsumer, KafkaProducer
+
+        from streams.kafka import ensure_topics
+        from streams.replay import wire_events
+
+        env = self.names("lat")
+        settings = self.settings(env)
+        ensure_topics(settings)
+        n = max(500, int(rate * seconds))
+        events = wire_events(ds, loops=2 + (n + warmup) // len(ds.events))
+        worker = self.start_worker(env, "latency-0")
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=1, acks=1)
+        topic = settings.input_topic
+        sent_at: dict[str, float] = {}
+        try:
+            self.wait_ready([worker])
+            for ev in itertools.islice(events, warmup):  # warm: group joined, model and caches warm
+                producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
+            producer.flush()
+            applied = lambda: metric_sum(worker.samples(), "interest_events_applied_total")  # noqa: E731
+            wait_for(lambda: applied() >= warmup, 120, "the latency warm-up")
+            before = worker.samples()
+            t0 = time.perf_counter()
+            for i, ev in enumerate(itertools.islice(events, n)):
+                if i % 10 == 0:
+                    ahead = t0 + i / rate - time.perf_counter()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                sent_at[str(ev["event_id"])] = time.time()
+                producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
+            producer.flush()
+            offered = n / (time.perf_counter() - t0)
+            wait_for(lambda: applied() >= warmup + n, 120 + n / 1000, "the latency run")
+            after = worker.samples()
+        finally:
+            producer.close()
+            stop_all([worker.proc])
+        name = "interest_latency_from_produce_seconds"
+        b0 = dict(histogram_buckets(before, name))
+        delta = [(edge, count - b0.get(edge, 0.0)) for edge, count in histogram_buckets(after, name)]
+        redis_q = {f"p{int(q * 100)}": round(histogram_quantile(delta, q) * 1e3, 2) for q in (0.5, 0.95, 0.99)}
+
+        consumer = KafkaConsumer(
+            settings.output_topic,
+            bootstrap_servers=self.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            max_poll_records=5000,
+        )
+        out_lat: list[float] = []
+        proc_lat: list[float] = []
+        seen = 0
+        try:
+            deadline = time.monotonic() + 60 + n / 2000
+            while seen < warmup + n and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=500).values():
+                    seen += len(records)
+                    for rec in records:
+                        obj = orjson.loads(rec.value)
+                        t = sent_at.get(obj.get("event_id"))
+                        if t is not None:
+                            out_lat.append(rec.timestamp / 1e3 - t)
+                            proc_lat.append(obj["processed_at"] - t)
+        finally:
+            consumer.close()
+        out_lat.sort()
+        result = {
+            "offered_eps": rate,
+            "achieved_eps": offered,
+            "events": n,
+            "redis_ms": redis_q,
+            "redis_cdf": [(e, c / delta[-1][1]) for e, c in delta if e != float("inf")] if delta else [],
+            "output_ms": quantiles_ms(out_lat),
+            "processed_ms": quantiles_ms(proc_lat),
+            "output_samples": len(out_lat),
+            "output_cdf_ms": [round(out_lat[int(i * (len(out_lat) - 1) / 200)] * 1e3, 3) for i in range(201)]
+            if out_lat
+            else [],
+        }
+        log(f"latency at {offered:,.0f} ev/s: to Redis {redis_q}, to output {result['output_ms']}")
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# profiling
+
+
+def py_spy_binary() -> str | None:
+    local = Path(sys.executable).with_name("py-spy")
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def start_py_spy(pid: int, out: Path, log_path: Path) -> subprocess.Popen | None:
+    exe = py_spy_binary()
+    if exe is None:
+        log("py-spy not installed (pip install py-spy): no profile")
+        return None
+    with open(log_path, "wb") as f:
+        return subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--rate", "100", "--format", "raw", "--nonblocking", "-o", str(out)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def summarize_profile(path: Path, top: int = 15) -> dict:
+    """Top functions by self and inclusive share of samples, and self share by area, from py-spy's raw output."""
+    self_c: Counter = Counter()
+    incl: Counter = Counter()
+    area: Counter = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += n
+        self_c[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+        area[_area(frames[-1])] += n
+    if not total:
+        return {"samples": 0}
+
+    def pct(c: Counter) -> list[list]:
+        return [[name, round(100 * v / total, 1)] for name, v in c.most_common(top)]
+
+    return {"samples": total, "self_pct": pct(self_c), "inclusive_pct": pct(incl), "self_pct_by_area": pct(area)}
+
+
+def _area(frame: str) -> str:
+    path = frame[frame.rfind("(") + 1 :]
+    for key, name in (
+        ("onnxruntime", "onnxruntime"),
+        ("aiokafka", "aiokafka"),
+        ("kafka/", "kafka-python"),
+        ("faust", "faust"),
+        ("mode/", "mode"),
+        ("redis", "redis-py"),
+        ("prometheus_client", "prometheus"),
+        ("asyncio", "asyncio"),
+        ("numpy", "numpy"),
+        ("streams/", "streams (ours)"),
+        ("export/", "export (ours)"),
+    ):
+        if key in path:
+            return name
+    return "other"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def build_result(r: dict, plan: Plan, meta: dict) -> dict:
+    lat = r["latency"]
+    out = {
+        "faust_noop_eps": round(r["noop"]["eps"]),
+        "aiokafka_raw_eps": round(r["raw"]["eps"]),
+        "ort_step_eps": round(r["ort"]["eps"]),
+        "redis_pipeline_eps": round(r["redis"]["eps"]),
+        "product_eps_1w": round(r["p1"]["eps"]),
+        "product_eps_2w": round(r["p2"]["eps"]),
+        "naive_eps": round(r["naive"]["eps"], 1),
+        "latency_ms": lat["redis_ms"],
+        "latency_output_ms": lat["output_ms"],
+        "latency_offered_eps": round(lat["offered_eps"]),
+        "users_1k_eps": round(r["u1k"]["eps"]),
+        "users_1m_eps": round(r["u1m"]["eps"]),
+        "rss_mb": max(r["u1m"]["rss_mb"]),
+        "redis_bytes_per_user": round(r["u1m"]["redis_bytes_per_user"]),
+        "ratios": {
+            "product_vs_noop": ratio(r["p1"]["eps"], r["noop"]["eps"]),
+            "product_vs_naive": ratio(r["p1"]["eps"], r["naive"]["eps"]),
+            "users_1m_vs_1k": ratio(r["u1m"]["eps"], r["u1k"]["eps"]),
+            "product_2w_vs_1w": ratio(r["p2"]["eps"], r["p1"]["eps"]),
+            "product_vs_aiokafka_raw": ratio(r["p1"]["eps"], r["raw"]["eps"]),
+        },
+    }
+    ratios = out["ratios"]
+    out["targets"] = {
+        "product_vs_noop >= 0.70": ratios["product_vs_noop"] >= TARGETS["product_vs_noop"],
+        "product_eps_1w >= 8000": out["product_eps_1w"] >= TARGETS["product_eps_1w"],
+        "product_vs_naive >= 10": ratios["product_vs_naive"] >= TARGETS["product_vs_naive"],
+        "latency p99 produce->Redis <= 50 ms": lat["redis_ms"]["p99"] <= TARGETS["latency_p99_ms"],
+        "users_1m_vs_1k >= 0.8": ratios["users_1m_vs_1k"] >= TARGETS["users_1m_vs_1k"],
+    }
+    out["details"] = {
+        k: {kk: vv for kk, vv in v.items() if not kk.endswith("cdf") and kk != "output_cdf_ms"}
+        for k, v in r.items()
+        if isinstance(v, dict) and k != "profile"
+    }
+    out["profile"] = r.get("profile") or {}
+    out["meta"] = meta | {"quick": plan.quick, "plan": plan.__dict__}
+    return out
+
+
+def write_markdown(path: Path, res: dict) -> None:
+    d = res["details"]
+    lat, lo = res["latency_ms"], res["latency_output_ms"]
+    rows = [
+        ("Faust no-op agent, take_events(2000)", f"{res['faust_noop_eps']:,}", f"{d['noop']['events']:,} events"),
+        ("aiokafka raw consumer (getmany)", f"{res['aiokafka_raw_eps']:,}", f"{d['raw']['events']:,} events"),
+        ("ORT step alone, worker round sizes", f"{res['ort_step_eps']:,}", f"mean round {d['ort']['mean_round']:.0f}"),
+        ("Redis CAS pipeline, 2000 users/pipeline", f"{res['redis_pipeline_eps']:,}", "writes/s"),
+        ("**product, 1 worker**", f"**{res['product_eps_1w']:,}**", f"{d['p1']['events']:,} events"),
+        ("product, 2 workers", f"{res['product_eps_2w']:,}", f"{d['p2']['events']:,} events"),
+        ("naive (per event ORT + Redis + awaited send)", f"{res['naive_eps']:,}", f"{d['naive']['events']:,} events"),
+        ("product, 1,000 users", f"{res['users_1k_eps']:,}", f"{d['u1k']['redis_keys']:,} keys"),
+        ("product, 1,000,000-id space", f"{res['users_1m_eps']:,}", f"{d['u1m']['redis_keys']:,} distinct users"),
+    ]
+    t = res["targets"]
+    r = res["ratios"]
+    mark = {True: "PASS", False: "FAIL"}
+    lines = [
+        f"# interest-stream bench ({'quick' if res['meta']['quick'] else 'full'} run)",
+        "",
+        f"{res['meta']['when']}, {res['meta']['cpus']} CPUs, load average at start {res['meta']['loadavg']}, "
+        f"model `{res['meta']['model']}`. Shared machine: absolute rates are noisy, ratios of one run are what count.",
+        "",
+        "| what | events/s | notes |",
+        "|---|---:|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        f"Latency at an offered {res['latency_offered_eps']:,} ev/s (half the 1-worker max): produce -> Redis "
+        f"p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms (interpolated in the worker's histogram "
+        f"buckets); produce -> output record p50 {lo['p50']} ms, p95 {lo['p95']} ms, p99 {lo['p99']} ms (exact).",
+        "",
+        f"Memory at the 1M-id run: worker RSS {res['rss_mb']} MB, Redis {res['redis_bytes_per_user']:,} B/user "
+        f"(~{res['redis_bytes_per_user'] * 1e6 / 2**30:.1f} GiB for 1M users).",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | result |",
+        "|---|---:|---|",
+        f"| product_eps_1w >= 70% of faust_noop_eps | {r['product_vs_noop']:.0%} | "
+        f"{mark[t['product_vs_noop >= 0.70']]} |",
+        f"| product_eps_1w >= 8,000 ev/s | {res['product_eps_1w']:,} | {mark[t['product_eps_1w >= 8000']]} |",
+        f"| product / naive >= 10 | {r['product_vs_naive']:.1f}x | {mark[t['product_vs_naive >= 10']]} |",
+        f"| p99 produce->Redis <= 50 ms at half max | {lat['p99']} ms | "
+        f"{mark[t['latency p99 produce->Redis <= 50 ms']]} |",
+        f"| users_1m / users_1k >= 0.8 | {r['users_1m_vs_1k']:.2f} | {mark[t['users_1m_vs_1k >= 0.8']]} |",
+        "",
+    ]
+    prof = res.get("profile") or {}
+    if prof.get("samples"):
+        lines += ["## Profile (py-spy, 1 worker, % of samples)", "", "| self | % |", "|---|---:|"]
+        lines += [f"| `{n}` | {p} |" for n, p in prof["self_pct"][:12]]
+        lines += ["", "| area (self) | % |", "|---|---:|"]
+        lines += [f"| {n} | {p} |" for n, p in prof["self_pct_by_area"]]
+        lines += [""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path: Path, res: dict, lat: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [
+        ("Faust no-op", res["faust_noop_eps"]),
+        ("aiokafka raw", res["aiokafka_raw_eps"]),
+        ("ORT step", res["ort_step_eps"]),
+        ("Redis pipeline", res["redis_pipeline_eps"]),
+        ("product 1w", res["product_eps_1w"]),
+        ("product 2w", res["product_eps_2w"]),
+        ("naive", res["naive_eps"]),
+        ("1k users", res["users_1k_eps"]),
+        ("1M-id users", res["users_1m_eps"]),
+    ]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = ["#999"] * 4 + ["#1f77b4"] * 2 + ["#d62728"] + ["#2ca02c"] * 2
+    a.barh([n for n, _ in bars][::-1], [v for _, v in bars][::-1], color=colors[::-1])
+    a.set_xscale("log")
+    a.set_xlabel("events/s (log)")
+    a.set_title("throughput")
+    for i, (_, v) in enumerate(bars[::-1]):
+        a.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+    if lat.get("output_cdf_ms"):
+        xs = lat["output_cdf_ms"]
+        b.plot(xs, [i / (len(xs) - 1) for i in range(len(xs))], label="produce -> output record (exact)")
+    if lat.get("redis_cdf"):
+        b.plot(
+            [0.0] + [e * 1e3 for e, _ in lat["redis_cdf"]],
+            [0.0] + [c for _, c in lat["redis_cdf"]],
+            "o-",
+            label="produce -> Redis (histogram buckets)",
+        )
+    b.axvline(50, color="#d62728", ls="--", lw=1, label="50 ms target")
+    b.set_xscale("log")
+    b.set_xlabel("ms (log)")
+    b.set_ylabel("fraction of events")
+    b.set_title(f"latency CDF at {res['latency_offered_eps']:,} ev/s offered")
+    b.legend(loc="lower right", fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md, bench.png, logs")
+    parser.add_argument("--quick", action="store_true", help="small event counts: a smoke run in < 3 minutes")
+    parser.add_argument("--model", type=Path, help="model.onnx (default: build_default_model(), trained if absent)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ML-100K folder (default ../shared/data)")
+    parser.add_argument("--profile", dest="profile", action="store_true", default=None, help="py-spy a 1-worker run")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled run")
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.onnx_export import build_default_model
+    from models.data import load_dataset
+    from streams.replay import wire_events
+    from streams.services import free_port, start_broker, start_redis
+
+    t_start = time.perf_counter()
+    plan = Plan.make(args.quick)
+    profile = (not plan.quick) if args.profile is None else args.profile
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model = args.model.resolve()
+    elif plan.quick:
+        model = build_default_model(out_dir="artifacts/models/bench-fast", fast=True)
+    else:
+        log("model: build_default_model() (trains once if absent)")
+        model = build_default_model()
+    ds = load_dataset("movielens-100k", args.data)
+    bench = Bench(out=out, plan=plan, model=Path(model), data=args.data)
+    run_dir = out / "logs" / "services"
+    broker = start_broker(port=free_port(), run_dir=run_dir)
+    rsvc = start_redis(port=free_port(), run_dir=run_dir)
+    bench.bootstrap, bench.redis_base = broker.address, f"redis://{rsvc.address}"
+    meta = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpus": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "model": str(model),
+        "broker": "tansu (memory)",
+    }
+    r: dict = {}
+    try:
+        product_events = list(wire_events(ds, plan.product_limit, plan.loops))
+        n = len(product_events)
+        env_src = bench.names("src")
+        topic = env_src["INTEREST_INPUT_TOPIC"]
+        meta["producer_eps"] = round(bench.prefill(env_src, product_events, n))
+
+        r["noop"] = bench.faust_noop(topic, n)
+        log(f"faust no-op: {r['noop']['eps']:,.0f} ev/s")
+        r["raw"] = bench.aiokafka_raw(topic, n)
+        log(f"aiokafka raw: {r['raw']['eps']:,.0f} ev/s")
+        r["ort"] = bench.ort_step(product_events[: min(n, 40_000)], plan.ort_seconds)
+        log(f"ORT step: {r['ort']['eps']:,.0f} ev/s")
+        r["redis"] = bench.redis_pipeline(plan.redis_writes)
+        log(f"Redis pipeline: {r['redis']['eps']:,.0f} writes/s")
+
+        r["p1"] = bench.product(bench.names("p1", topic), n, 1, "product-1w")
+        r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
+        r["naive"] = bench.naive(topic, plan.naive_events)
+        r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
+
+        for tag, users in (("u1k", 1000), ("u1m", 1_000_000)):
+            env = bench.names(tag)
+            bench.prefill(env, scale_events(ds, plan.scale_events, users), plan.scale_events)
+            r[tag] = bench.product(env, plan.scale_events, 1, f"users-{tag}")
+        if profile:
+            prof_path = out / "profile-1w.txt"
+            prof_path.unlink(missing_ok=True)
+            r["p1_profiled"] = bench.product(bench.names("prof", topic), n, 1, "product-1w-profiled", prof_path)
+            if prof_path.is_file():
+                r["profile"] = summarize_profile(prof_path) | {"file": prof_path.name}
+    finally:
+        stop_all(bench.procs, 10)
+        broker.stop()
+        rsvc.stop()
+
+    meta["seconds"] = round(time.perf_counter() - t_start, 1)
+    res = build_result(r, plan, meta)
+    (out / "bench.json").write_text(json.dumps(res, indent=2, default=float))
+    write_markdown(out / "bench.md", res)
+    write_plot(out / "bench.png", res, r["latency"])
+    log(f"done in {meta['seconds']:.0f}s: {out / 'bench.json'}, bench.md, bench.png")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("details", "profile", "meta")}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hidden subcommand: the Faust no-op agent (its own process, like the worker)
+
+
+def noop_worker(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m streams.bench noop-worker")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--group", required=True)
+    ap.add_argument("--expect", type=int, required=True)
+    ap.add_argument("--result", type=Path, required=True)
+    ap.add_argument("--max-batch", type=int, default=MAX_BATCH)
+    a = ap.parse_args(argv)
+
+    import faust
+
+    app = faust.App(
+        a.group,
+        broker=f"kafka://{a.bootstrap}",
+        store="memory://",
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=float(SESSION_TIMEOUT_S),
+        broker_heartbeat_interval=2.0,
+        broker_max_poll_records=max(500, a.max_batch),  # as the worker's app
+        stream_buffer_maxsize=max(4096, 2 * a.max_batch),
+        web_enabled=False,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    topic = app.topic(a.topic, key_serializer="raw", value_serializer="raw")
+    state = {"n": 0, "batches": 0, "first": None, "first_batch": 0, "done": False}
+
+    @app.agent(topic)
+    async def sink(stream):
+        async for events in stream.take_events(a.max_batch, within=0.05):
+            now = time.time()
+            k = len(events)
+            if state["first"] is None:
+                state["first"], state["first_batch"] = now, k
+            state["n"] += k
+            state["batches"] += 1
+            if state["n"] >= a.expect and not state["done"]:
+                state["done"] = True
+                out = {
+                    "events": state["n"],
+                    "batches": state["batches"],
+                    "first": state["first"],
+                    "first_batch": state["first_batch"],
+                    "last": now,
+                }
+                tmp = a.result.with_suffix(".tmp")
+                tmp.write_text(json.dumps(out))
+                tmp.replace(a.result)
+
+    worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False, override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "noop-worker":
+        sys.exit(noop_worker(sys.argv[2:]))
+    from streams.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))
