@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                 if interests:
                     print(bar_chart(interests, width=30))
             if not producer.is_alive() and applied + dead >= sent[0] and not args.keep_running:
-                print(f"\n== done: {applied:,.0f} events applied (--keep-running keeps it up for `interest-stream lookup`)")
+                print(f"\n== done: {applied:,.0f} events applied")
+                print("(--keep-running keeps worker and services up, for `interest-stream lookup USER`)")
                 break
     except KeyboardInterrupt:
         print("\n== interrupted")

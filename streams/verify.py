@@ -1,6 +1,7 @@
 """The replay oracle: replay the event log offline through the same ONNX model and compare with Redis.
 
-    interest-stream verify --dataset movielens-100k --data ../shared/data/ml-100k --model artifacts/models/movielens-100k/model.onnx
+    interest-stream verify --dataset movielens-100k --data ../shared/data/ml-100k \
+        --model artifacts/models/movielens-100k/model.onnx
 
 Rebuilds exactly the stream that ``interest-stream replay`` produces (same --limit/--loops/--users), validates each
 event with the worker's own decoder (events the worker dead-letters are left out here too), steps every user's
