@@ -2,16 +2,17 @@
 
     python -m models.model   # prints the parameter count of the default config on a dummy batch
 
-State. h and c are (B, H) with H = hidden_size + K: the LSTM's (h, c) followed by two category memories,
-`fast` (in h) and `slow` (in c), each an exponentially decayed sum of the user's past category vectors.
+State. h and c are (B, H) with H = hidden_size + n_memories * K / 2: the LSTM's (h, c), each followed by half of
+the n category memories m_i (K each), exponentially decayed sums of the user's past category vectors with
+decays from fast (half-life ~1 event) to slow (~64 events) at initialisation.
 The stream worker treats h and c as opaque vectors; only this module knows the split.
 
 One step (event features x, see export/features.py for the layout):
     drift:   the LSTM state is pulled toward the learned initial state by a gate on the time gap
     LSTM:    input = [category vector, action embedding, time features]; the cell math is written out so that
              training, the whole-sequence forward and the exported single step are the same code
-    memory:  fast = d_f * fast + y, slow = d_s * slow + y with decays d = sigmoid(w * time features + b)
-Head: p = w_0 softmax(W h_lstm) + w_1 fast / |fast| + w_2 slow / |slow|, mixture weights w = softmax(V h_lstm)
+    memory:  m_i = d_i * m_i + g_i(action) * y, decays d = sigmoid(w * time features + b), gains g = exp(.)
+Head: p = w_0 softmax(W h_lstm + U [m_i / |m_i|]) + sum_i w_i m_i / |m_i|, mixture weights w = softmax(V h_lstm)
 (a copy mechanism over the user's own history, which the decayed-histogram baseline shows is strong).
 """
 
@@ -33,16 +34,23 @@ class ModelConfig:
     n_categories: int = 19  # K output categories
     n_actions: int = 5  # A actions
     n_time_features: int = N_TIME_FEATURES  # log gap, first-event flag
-    hidden_size: int = 64  # LSTM units (the exported state adds K memory slots to h and to c)
+    hidden_size: int = 96  # LSTM units (the exported state adds n_memories * K / 2 slots to h and to c)
     action_dim: int = 8  # action embedding size
-    dropout: float = 0.2  # on the LSTM input and on the head input
+    dropout: float = 0.1  # on the LSTM input and on the head input
     memory: bool = True  # the decayed category memories and the mixture head
     state_drift: bool = True  # pull the state toward the learned initial state by the time gap
-    memory_logits: bool = True  # the softmax head also reads the normalised memories (a learned K x 2K map)
+    memory_logits: bool = True  # the softmax head also reads the normalised memories (a learned K x nK map)
+    n_memories: int = 4  # decayed category memories (even: half ride in h, half in c)
+    head_hidden: int = 0  # > 0: the memory-to-logits map is an MLP with this many units instead of linear
+
+    @property
+    def memory_slots(self) -> int:
+        """State entries the memories take in h (and as many in c)."""
+        return self.n_categories * self.n_memories // 2 if self.memory else 0
 
     @property
     def state_size(self) -> int:
-        return self.hidden_size + (self.n_categories if self.memory else 0)
+        return self.hidden_size + self.memory_slots
 
     @property
     def n_features(self) -> int:
@@ -85,20 +93,31 @@ class InterestModel(nn.Module):
                 self.drift.weight.zero_()
                 self.drift.bias.fill_(4.0)
         if cfg.memory:
-            self.mem_decay = nn.Linear(t, 2)  # decay of the fast and the slow memory
-            self.mix = nn.Linear(hl, 3)  # mixture weights of (softmax head, fast memory, slow memory)
-            if cfg.memory_logits:
-                self.mem_head = nn.Linear(2 * k, k, bias=False)
+            n = cfg.n_memories
+            if n < 2 or n % 2:
+                raise ValueError(f"n_memories must be even and >= 2, got {n}")
+            self.mem_decay = nn.Linear(t, n)  # per-memory decay d = sigmoid(.) from the time features
+            self.mem_gain = nn.Linear(a, n, bias=False)  # per-action weight exp(.) of an event in each memory
+            self.mix = nn.Linear(hl, 1 + n)  # mixture weights of (softmax head, memory 1..n)
+            if cfg.memory_logits and cfg.head_hidden > 0:
+                self.mem_head = nn.Sequential(
+                    nn.Linear(n * k + hl, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, k)
+                )
+                nn.init.zeros_(self.mem_head[2].weight)
+            elif cfg.memory_logits:
+                self.mem_head = nn.Linear(n * k, k, bias=False)
                 nn.init.zeros_(self.mem_head.weight)
-            with torch.no_grad():
+            with torch.no_grad():  # half-lives spread from 1 to 64 events
+                half_life = 2.0 ** torch.linspace(0, 6, n)
+                d = 0.5 ** (1 / half_life)
                 self.mem_decay.weight.zero_()
-                self.mem_decay.bias.copy_(torch.tensor([0.0, 3.0]))  # d = 0.5 and 0.95
+                self.mem_decay.bias.copy_(torch.log(d / (1 - d)))
+                self.mem_gain.weight.zero_()
 
     # -- state ---------------------------------------------------------------------------------------
     def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> h, c (B, H): the learned LSTM state followed by empty memories."""
-        k = self.cfg.n_categories if self.cfg.memory else 0
-        z = self.h0.new_zeros(batch, k)
+        z = self.h0.new_zeros(batch, self.cfg.memory_slots)
         h = torch.cat([self.h0.expand(batch, -1), z], dim=1)
         c = torch.cat([self.c0.expand(batch, -1), z], dim=1)
         return h, c
@@ -117,10 +136,14 @@ class InterestModel(nn.Module):
         hs, cs = self.cell(inp, hs, cs)
         if not cfg.memory:
             return hs, cs
-        d = torch.sigmoid(self.mem_decay(t))  # (B, 2)
-        fast = d[:, 0:1] * h[:, hl:] + y
-        slow = d[:, 1:2] * c[:, hl:] + y
-        return torch.cat([hs, fast], dim=1), torch.cat([cs, slow], dim=1)
+        n = cfg.n_memories
+        mem = torch.cat([h[:, hl:], c[:, hl:]], dim=1).reshape(-1, n, k)  # (B, n, K)
+        d = torch.sigmoid(self.mem_decay(t)).unsqueeze(-1)  # (B, n, 1)
+        gain = torch.exp(self.mem_gain(act)).unsqueeze(-1)  # (B, n, 1)
+        mem = d * mem + gain * y.unsqueeze(1)
+        half = cfg.memory_slots
+        mem = mem.reshape(-1, n * k)
+        return torch.cat([hs, mem[:, :half]], dim=1), torch.cat([cs, mem[:, half:]], dim=1)
 
     def probs(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """State (N, H) -> next-event category distribution (N, K)."""
@@ -128,14 +151,17 @@ class InterestModel(nn.Module):
         hs = self.drop(h[:, :hl])
         if not self.cfg.memory:
             return F.softmax(self.head(hs), dim=-1)
-        fast, slow = h[:, hl:], c[:, hl:]
-        pf = (fast + 1e-6 / k) / (fast.sum(dim=1, keepdim=True) + 1e-6)  # (N, K), uniform while empty
-        ps = (slow + 1e-6 / k) / (slow.sum(dim=1, keepdim=True) + 1e-6)
+        n = self.cfg.n_memories
+        mem = torch.cat([h[:, hl:], c[:, hl:]], dim=1).reshape(-1, n, k)  # (N, n, K)
+        pm = (mem + 1e-6 / k) / (mem.sum(dim=2, keepdim=True) + 1e-6)  # normalised; uniform while empty
         logits = self.head(hs)
         if self.cfg.memory_logits:
-            logits = logits + self.mem_head(torch.cat([pf, ps], dim=1))
-        w = F.softmax(self.mix(hs), dim=-1)  # (N, 3)
-        return w[:, 0:1] * F.softmax(logits, dim=-1) + w[:, 1:2] * pf + w[:, 2:3] * ps
+            mem_in = pm.reshape(-1, n * k)
+            if self.cfg.head_hidden > 0:
+                mem_in = torch.cat([mem_in, hs], dim=1)
+            logits = logits + self.mem_head(mem_in)
+        w = F.softmax(self.mix(hs), dim=-1)  # (N, 1 + n)
+        return w[:, :1] * F.softmax(logits, dim=-1) + (w[:, 1:].unsqueeze(-1) * pm).sum(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Sequences x (B, L, F) -> predictions (B, L + 1, K); [:, j] predicts event j from events < j."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.features import N_TIME_FEATURES
 from models.baselines import run_baselines
 from models.checkpoint import save_checkpoint
 from models.data import DATASETS, load_dataset
@@ -37,15 +38,19 @@ from models.vocab import build_vocabulary
 @dataclass
 class TrainConfig:
     seed: int = 0
-    epochs: int = 40  # upper bound; early stopping usually ends sooner
+    epochs: int = 30  # upper bound (and the cosine schedule's length); early stopping may end sooner
     patience: int = 6  # epochs without validation improvement before stopping
-    batch_users: int = 32  # users per gradient step (their train prefixes, padded)
-    lr: float = 3e-3
+    batch_users: int = 16  # users per gradient step (their train prefixes, padded)
+    lr: float = 1e-2
     weight_decay: float = 1e-4  # AdamW
     grad_clip: float = 1.0
     top_k: int = 100  # category vocabulary cut: top-K by frequency plus "other"
     threads: int = 2  # torch intra-op threads
     eval_batch: int = 256  # users per evaluation forward
+    shuffle_ties: bool = True  # augmentation: random order of a user's same-timestamp train events each epoch
+
+
+MODEL_OPTIONS = ("hidden_size", "action_dim", "dropout", "n_memories", "head_hidden")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,10 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", help="items CSV (item_id,categories) for --dataset csv")
     parser.add_argument("--out", required=True, help="output folder for model.pt and the report")
     tc, mc = TrainConfig(), ModelConfig()
-    for f in fields(TrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(tc, f.name)), default=None)
-    for name in ("hidden_size", "action_dim", "dropout"):
-        parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(mc, name)), default=None)
+    opts = [(f.name, getattr(tc, f.name)) for f in fields(TrainConfig)]
+    opts += [(n, getattr(mc, n)) for n in MODEL_OPTIONS]
+    for name, default in opts:
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}")
+        else:
+            parser.add_argument(flag, type=type(default), default=None, help=f"default {default}")
     parser.add_argument("--no-memory", action="store_true", help="plain LSTM head (ablation)")
     parser.add_argument("--no-drift", action="store_true", help="no time-gap drift of the state (ablation)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     tc = TrainConfig(**{f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None})
-    mc = {n: v for n in ("hidden_size", "action_dim", "dropout") if (v := getattr(args, n, None)) is not None}
+    mc = {n: v for n in MODEL_OPTIONS if (v := getattr(args, n, None)) is not None}
     if getattr(args, "no_memory", False):
         mc["memory"] = False
     if getattr(args, "no_drift", False):
@@ -76,7 +85,21 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
 
 
 # -- batching -------------------------------------------------------------------------------------------
-def train_batches(seqs: UserSequences, batch_users: int, rng: np.random.Generator):
+def shuffle_ties(xu: np.ndarray, ts: np.ndarray, n: int, n_time: int, rng: np.random.Generator) -> np.ndarray:
+    """Copy of xu[:n] with events of equal timestamp in random order (their file order is arbitrary).
+
+    Category and action columns move with the event; the time columns stay by position (the first event
+    of a tie group carries the gap, the others gap 0), so the result is a valid event sequence.
+    """
+    t = ts[:n]
+    group = np.concatenate([[0], np.cumsum(t[1:] != t[:-1])])
+    order = np.lexsort((rng.random(n), group))
+    out = xu[:n].copy()
+    out[:, :-n_time] = xu[order, :-n_time]
+    return out
+
+
+def train_batches(seqs: UserSequences, batch_users: int, rng: np.random.Generator, ties: bool = False):
     """Yield (x (B, L, F), y (B, L+1, K), mask (B, L+1)) over users' train prefixes.
 
     A user with n events contributes targets j = 0 .. floor(0.8 n) - 1: j >= 1 are the protocol's train
@@ -94,8 +117,9 @@ def train_batches(seqs: UserSequences, batch_users: int, rng: np.random.Generato
         y = np.zeros((len(idx), length + 1, seqs.k), np.float32)
         mask = np.zeros((len(idx), length + 1), np.float32)
         for r, (u, t) in enumerate(zip(idx, n_t, strict=True)):
-            x[r, : t - 1] = seqs.x[u][: t - 1]
-            y[r, :t] = seqs.y(u)[:t]
+            xu = shuffle_ties(seqs.x[u], seqs.ts[u], t, N_TIME_FEATURES, rng) if ties else seqs.x[u][:t]
+            x[r, : t - 1] = xu[: t - 1]
+            y[r, :t] = xu[:t, : seqs.k]
             mask[r, :t] = 1.0
         yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
 
@@ -135,7 +159,7 @@ def fit(model: InterestModel, seqs: UserSequences, tc: TrainConfig, progress: bo
     for epoch in bar:
         model.train()
         t0, tot, n = time.perf_counter(), 0.0, 0.0
-        for x, y, mask in train_batches(seqs, tc.batch_users, rng):
+        for x, y, mask in train_batches(seqs, tc.batch_users, rng, tc.shuffle_ties):
             loss = masked_ce(model(x), y, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -112,3 +112,22 @@ def test_trained_model_beats_popularity(trained_model: Path):
     rep = json.loads((trained_model.parent / "report.json").read_text())
     lstm, pop = rep["test"]["lstm"], rep["test"]["popularity"]
     assert lstm["ce"] < pop["ce"] and lstm["top3_mass"] > pop["top3_mass"]
+
+
+def test_shuffle_ties_only_permutes_within_equal_timestamps():
+    import numpy as np
+
+    from models.train import shuffle_ties
+
+    rng = np.random.default_rng(0)
+    ts = np.array([0.0, 5, 5, 5, 9, 9, 12])
+    x = np.arange(7 * 4, dtype=np.float32).reshape(7, 4)  # last 2 columns play the time features
+    seen = set()
+    for _ in range(30):
+        out = shuffle_ties(x, ts, 6, 2, rng)  # only the first 6 events (a train prefix)
+        assert out.shape == (6, 4)
+        assert np.array_equal(out[:, 2:], x[:6, 2:])  # time columns stay by position
+        assert out[0, 0] == x[0, 0]
+        assert sorted(out[1:4, 0]) == sorted(x[1:4, 0]) and sorted(out[4:6, 0]) == sorted(x[4:6, 0])
+        seen.add(tuple(out[:, 0]))
+    assert len(seen) > 1
