@@ -141,13 +141,20 @@ class Settings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
+    """``redis://user:secret@host`` -> ``redis://user:***@host``; a ``password=`` query value (which redis-py also
+    accepts) is masked the same way."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{netloc}")
+    if parts.query:
+        query = [
+            f"{k}=***" if k.lower() == "password" and sep else f"{k}{sep}{v}"
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+        ]
+        parts = parts._replace(query="&".join(query))
+    return urlunsplit(parts)
 
 
 def get_settings(**overrides: object) -> Settings:
