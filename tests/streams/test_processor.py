@@ -1,0 +1,134 @@
+"""The batch processor and the Redis state store, against a real Redis (no broker needed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+import pytest
+
+from export.runtime import StepSession
+from streams.lookup import bar_chart, get_interests
+from streams.processor import InterestProcessor, RawMessage
+from streams.state import StateStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def setup(settings_for, trained_model):
+    settings = settings_for()
+    session = StepSession(trained_model, device="cpu")
+    catalog = session.load_catalog()
+
+    def make() -> InterestProcessor:
+        store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+        return InterestProcessor(session, store, settings, catalog, {settings.input_topic: 4})
+
+    return settings, session, make
+
+
+def _msgs(settings, events, start=0, partition=None):
+    from streams.processor import default_partition
+
+    out = []
+    for i, ev in enumerate(events):
+        key = str(ev["user_id"]).encode()
+        p = default_partition(key, 4) if partition is None else partition
+        out.append(RawMessage(settings.input_topic, p, start + i, key, orjson.dumps(ev), 0.0))
+    return out
+
+
+async def _run(proc: InterestProcessor, msgs):
+    plan = await proc.prepare(msgs)
+    await proc.store.write(plan.writes, plan.states)
+    return plan
+
+
+def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
+    settings, session, make = setup
+    proc = make()
+    events = [
+        {"user_id": "a", "item_id": "1", "ts": 100, "action": "4", "event_id": "e1"},
+        {"user_id": "b", "item_id": "2", "ts": 101, "event_id": "e2"},
+        {"user_id": "a", "item_id": "3", "ts": 160, "action": "5", "event_id": "e3"},
+    ]
+    msgs = _msgs(settings, events)
+    plan = asyncio.run(_run(proc, msgs))
+    assert plan.applied == 3 and plan.duplicates == 0
+    # user b's first event was stepped from the learned initial state
+    h, c = session.initial_state(1)
+    cats = proc.decoder.decode(msgs[1].value).categories
+    feats = session.encoder.encode([cats], np.array([session.encoder.action_index(None)]), np.array([np.nan]))
+    p, _, _ = session.step(feats, h, c)
+    got = orjson.loads(rclient.hget(settings.redis_prefix + "b", "probs"))
+    assert np.max(np.abs(np.asarray(got) - p[0])) <= 1e-6
+    assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
+
+    # redelivery (same offsets) and a re-send (new offsets, same ids) are both skipped, by a fresh process too
+    again = asyncio.run(_run(make(), msgs))
+    assert again.applied == 0 and again.duplicates == 3
+    resent = asyncio.run(_run(make(), _msgs(settings, events, start=10)))
+    assert resent.applied == 0 and resent.duplicates == 3
+    assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
+
+
+def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
+    settings, _session, make = setup
+    first, second = make(), make()
+    e1 = {"user_id": "z", "item_id": "1", "ts": 1, "event_id": "1"}
+    e2 = {"user_id": "z", "item_id": "2", "ts": 2, "event_id": "2"}
+    asyncio.run(_run(first, _msgs(settings, [e1, e2])))
+    # a zombie that saw only e1 (from an empty state) must not overwrite the 2-event state
+    zombie = make()
+    key = settings.redis_prefix + "z"
+
+    async def zombie_write() -> int:
+        rclient.hset(key, "model_version", "x")  # the zombie reads "no state"
+        plan = await zombie.prepare(_msgs(settings, [e1]))
+        rclient.hset(key, "model_version", second.version)
+        return await zombie.store.write(plan.writes, plan.states)
+
+    assert asyncio.run(zombie_write()) == 1
+    assert int(rclient.hget(key, "events")) == 2
+    # a state of another model version is reset: the user starts again from the cold-start state
+    rclient.hset(settings.redis_prefix + "z", "model_version", "old-model")
+    plan = asyncio.run(_run(make(), _msgs(settings, [e2], start=50)))
+    assert plan.applied == 1
+    assert int(rclient.hget(settings.redis_prefix + "z", "events")) == 1
+
+
+def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> None:
+    settings, session, make = setup
+    events = [{"user_id": "o", "item_id": str(i), "ts": 1000 + 60 * i, "event_id": f"o{i}"} for i in range(1, 40)]
+    others = [{"user_id": f"x{i}", "item_id": str(i), "ts": 1000 + i, "event_id": f"x{i}"} for i in range(1, 40)]
+    mixed = [e for pair in zip(events, others, strict=True) for e in pair]
+    plan = asyncio.run(_run(make(), _msgs(settings, mixed)))
+    assert plan.applied == len(mixed)
+    # sequential replay of user o alone
+    proc = make()
+    h, c = session.initial_state(1)
+    prev = np.nan
+    for e in events:
+        click = proc.decoder.decode(orjson.dumps(e))
+        f = session.encoder.encode([click.categories], np.array([click.action]), np.array([click.ts - prev]))
+        p, h, c = session.step(f, h, c)
+        prev = click.ts
+    got = np.asarray(orjson.loads(rclient.hget(settings.redis_prefix + "o", "probs")))
+    assert np.max(np.abs(got - p[0])) <= 1e-5
+    outs = [orjson.loads(v) for k, v in plan.outputs if k == b"o"]
+    assert [o["events"] for o in outs] == list(range(1, len(events) + 1))
+
+
+def test_lookup_reads_what_the_worker_wrote(setup, rclient) -> None:
+    settings, _session, make = setup
+    asyncio.run(_run(make(), _msgs(settings, [{"user_id": "look", "category": "Comedy", "ts": 5}])))
+    interests = get_interests("look", settings)
+    assert interests is not None and interests.events == 1
+    assert abs(sum(interests.probs) - 1) < 1e-4
+    assert interests.top[0][1] >= interests.top[-1][1]
+    chart = bar_chart(interests)
+    assert interests.top[0][0] in chart and "%" in chart
+    assert get_interests("nobody", settings) is None
+    assert get_interests("bad id*", settings) is None

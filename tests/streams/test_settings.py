@@ -1,0 +1,47 @@
+"""Settings: env prefix, validation, redaction, and the README's table agrees with the code."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from models.errors import ConfigError
+from streams.settings import Settings, redact_url
+from streams.worker import load_settings
+from tests.conftest import REPO
+
+
+def test_env_prefix_and_types(monkeypatch) -> None:
+    monkeypatch.setenv("INTEREST_MAX_BATCH", "123")
+    monkeypatch.setenv("INTEREST_REDIS_PREFIX", "x:")
+    s = Settings()
+    assert s.max_batch == 123 and s.redis_prefix == "x:"
+
+
+def test_bad_setting_is_one_clear_line(monkeypatch) -> None:
+    monkeypatch.setenv("INTEREST_MAX_BATCH", "zero")
+    with pytest.raises(ConfigError, match="INTEREST_MAX_BATCH"):
+        load_settings()
+    with pytest.raises(ValidationError):
+        Settings(redis_prefix="a*b")
+
+
+def test_redacted_masks_secrets() -> None:
+    s = Settings(redis_url="redis://app:hunter2@db:6379/0", kafka_sasl_password=SecretStr("s3cret"))
+    text = str(s.redacted())
+    assert "hunter2" not in text and "s3cret" not in text
+    assert "redis://app:***@db:6379/0" in text
+    assert redact_url("redis://db:6379") == "redis://db:6379"
+
+
+def test_readme_lists_every_setting_with_its_default() -> None:
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(INTEREST_[A-Z0-9_]+)` \|\s*`?([^|`]*?)`?\s*\|", readme, flags=re.M))
+    for name, field in Settings.model_fields.items():
+        var = f"INTEREST_{name.upper()}"
+        assert var in rows, f"{var} missing from the README's settings table"
+        default = field.default
+        shown = "" if default is None else str(default)
+        assert rows[var].strip() == shown, f"{var}: README says {rows[var]!r}, code says {shown!r}"
