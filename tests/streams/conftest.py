@@ -5,8 +5,6 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.model_fixtures import trained_model  # noqa: F401  (session fixture: small ML-100K model, exported)
-
 
 @pytest.fixture
 def rclient(redis_url: str) -> Iterator[redis.Redis]:
@@ -16,7 +14,7 @@ def rclient(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def settings_for(names, kafka_bootstrap: str, redis_url: str, trained_model):  # noqa: F811
+def settings_for(names, kafka_bootstrap: str, redis_url: str, trained_model):
     """Settings pointing at this test's topics, prefix and the session's model."""
     from streams.settings import Settings
 
