@@ -76,7 +76,9 @@ def check_redis(settings: Settings, timeout: float = 30.0) -> None:
                 client.ping()
                 return
             except redis.RedisError as exc:
-                if time.monotonic() > deadline:
+                # a wrong password or a missing permission will not fix itself: say so now, not after the timeout
+                denied = isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError)
+                if denied or time.monotonic() > deadline:
                     raise ServiceError(
                         f"cannot reach Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}"
                     ) from None
