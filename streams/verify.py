@@ -123,9 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import redis
+
     from models.data import load_dataset
+    from models.errors import ServiceError
     from streams.lookup import sync_client
     from streams.replay import wire_events
+    from streams.settings import redact_url
     from streams.worker import load_settings
 
     settings = load_settings(**({"model_path": args.model} if args.model else {}))
@@ -136,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
         report = verify_events(
             wire_events(ds, args.limit, args.loops, args.users), session, settings, client, tolerance=args.tolerance
         )
+    except redis.RedisError as exc:  # one clear line (password masked), as lookup does, not a traceback
+        raise ServiceError(
+            f"cannot read Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         client.close()
     print(report.summary())
