@@ -45,7 +45,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # AdamW
     grad_clip: float = 1.0
     top_k: int = 100  # category vocabulary cut: top-K by frequency plus "other"
-    threads: int = 2  # torch intra-op threads
+    threads: int = 1  # torch intra-op threads (1: small ops gain little from 2, and it degrades badly on a busy box)
     eval_batch: int = 256  # users per evaluation forward
     shuffle_ties: bool = True  # augmentation: random order of a user's same-timestamp train events each epoch
 
