@@ -90,11 +90,14 @@ def bind(ready: InterestProcessor, worker_metrics: Metrics) -> None:
 
 async def publish(plan: BatchPlan) -> None:
     """Send the batch's output records, dead letters and re-keys, all in flight at once; wait for delivery."""
+    assert processor is not None
     producer = app.producer
     send = producer.send
+    partition_for = processor.partition_for  # the default partitioner's choice, memoised per user
+    out_topic = settings.output_topic
     pending = []
     for key, value in plan.outputs:
-        pending.append(await send(settings.output_topic, key, value, None, None, None))
+        pending.append(await send(out_topic, key, value, partition_for(out_topic, key), None, None))
     for msg, reason, detail in plan.dead:
         headers = [
             ("dlq.reason", reason.encode()),
@@ -104,7 +107,9 @@ async def publish(plan: BatchPlan) -> None:
         pending.append(await send(settings.dlq_topic, msg.key, msg.value or b"", None, None, headers))
         metrics.dead_letters.labels(reason).inc()
     for key, msg in plan.rekey:
-        pending.append(await send(settings.rekey_topic, key, msg.value, None, None, None))
+        pending.append(
+            await send(settings.rekey_topic, key, msg.value, partition_for(settings.rekey_topic, key), None, None)
+        )
     if pending:
         await asyncio.gather(*pending)
     metrics.rekeyed.inc(len(plan.rekey))

@@ -116,19 +116,26 @@ class InterestProcessor:
                 max_future_s=settings.max_future_s,
             ),
         )
-        self._home: dict[bytes, int] = {}
+        self._hash: dict[bytes, int] = {}
+
+    def key_hash(self, key: bytes) -> int:
+        """murmur2(key) & 0x7fffffff, memoised (aiokafka's murmur2 is pure Python: ~5 us a call)."""
+        h = self._hash.get(key)
+        if h is None:
+            if len(self._hash) > 1_000_000:
+                self._hash.clear()
+            h = self._hash[key] = murmur2(key) & 0x7FFFFFFF
+        return h
+
+    def partition_for(self, topic: str, key: bytes) -> int | None:
+        """The partition Kafka's default partitioner picks for ``key`` on ``topic`` (None if the count is unknown)."""
+        n = self.partitions.get(topic)
+        return self.key_hash(key) % n if n else None
 
     def _misrouted(self, msg: Message, key: bytes) -> bool:
         """True when a correctly keyed message sits on another partition than its key hashes to."""
-        n = self.partitions.get(msg.topic)
-        if not n:
-            return False
-        home = self._home.get(key)
-        if home is None:
-            if len(self._home) > 1_000_000:
-                self._home.clear()
-            home = self._home[key] = default_partition(key, n)
-        return home != msg.partition
+        home = self.partition_for(msg.topic, key)
+        return home is not None and home != msg.partition
 
     async def prepare(self, messages: Sequence[Message]) -> BatchPlan:
         plan = BatchPlan()
