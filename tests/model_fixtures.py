@@ -52,4 +52,6 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"real data not found at {ML100K}")
     from export.onnx_export import build_default_model
 
-    return build_default_model(tmp_path_factory.mktemp("ml100k"), ML100K, fast=True)
+    # one folder per session: tests/models and tests/export each register this fixture (two conftests),
+    # and build_default_model skips training and export when the files are already there
+    return build_default_model(tmp_path_factory.getbasetemp() / "trained-ml100k", ML100K, fast=True)
