@@ -892,6 +892,9 @@ def write_plot(path: Path, res: dict, lat: dict) -> None:
     if lat.get("output_cdf_ms"):
         xs = lat["output_cdf_ms"]
         b.plot(xs, [i / (len(xs) - 1) for i in range(len(xs))], label="produce -> output record (exact)")
+    cdf = lat.get("redis_cdf") or []
+    full = next((i for i, (_, c) in enumerate(cdf) if c >= 1.0), len(cdf) - 1)
+    lat = lat | {"redis_cdf": cdf[: full + 1]}  # stop at the bucket that holds every event (buckets run to 1 h)
     if lat.get("redis_cdf"):
         b.plot(
             [0.0] + [e * 1e3 for e, _ in lat["redis_cdf"]],
