@@ -12,9 +12,11 @@
 | `interest_batch_size`                    | histogram | events per batch                                     |
 | `interest_ort_step_seconds`              | histogram | one ONNX Runtime step call                           |
 | `interest_redis_write_seconds`           | histogram | one batch's Redis pipeline                           |
-| `interest_latency_from_produce_seconds`  | histogram | produce time (Kafka timestamp) -> Redis written      |
-| `interest_latency_from_event_seconds`    | histogram | event time (`ts`) -> Redis written                   |
+| `interest_latency_from_produce_seconds`  | histogram | produce time (Kafka timestamp) -> Redis written (*) |
+| `interest_latency_from_event_seconds`    | histogram | event time (`ts`) -> Redis written (*)              |
 | `interest_users_cached`                  | gauge     | user states in the in-process cache                  |
+
+(*) sampled: up to 64 evenly spaced events of each batch.
 """
 
 from __future__ import annotations

@@ -174,9 +174,12 @@ class InterestProcessor:
         row_events: list[int] = []  # the user's applied-event count after this row
         seen_in_batch: dict[str, int] = {}
         window = self.window_bytes
+        tp_names: dict[tuple[str, int], str] = {}
         for click, msg in accepted:
             st = work[click.user_id]
-            tp = f"{msg.topic}:{msg.partition}"
+            tp = tp_names.get((msg.topic, msg.partition))
+            if tp is None:
+                tp = tp_names[(msg.topic, msg.partition)] = f"{msg.topic}:{msg.partition}"
             if msg.offset <= st.positions.get(tp, -1) or st.seen(click.fingerprint):
                 plan.duplicates += 1
                 continue
@@ -222,32 +225,38 @@ class InterestProcessor:
         if self.metrics:
             self.metrics.ort_step_seconds.observe(plan.ort_seconds)
 
-        # publish: one output record per applied event, one Redis write per user (its last event)
+        # publish: one output record per applied event, one Redis write per user (its last event).
+        # P is serialised once (float32 shortest repr) and cut into rows, embedded as JSON fragments.
         now = time.time()
+        blob = orjson.dumps(P, option=orjson.OPT_SERIALIZE_NUMPY)
+        probs_json = [b"[" + row + b"]" for row in blob[2:-2].split(b"],[")]
         top_idx = np.argsort(-P, axis=1, kind="stable")[:, : self.top_n]
+        top_p = np.round(np.take_along_axis(P, top_idx, axis=1).astype(np.float64), 6).tolist()
         names = self.categories
         last_row: dict[str, int] = {}
         dumps = orjson.dumps
+        Fragment = orjson.Fragment
+        version = self.version
         tops: list[list[dict]] = []
+        produce_ts, event_ts, outputs = plan.produce_ts, plan.event_ts, plan.outputs
         for i, (click, msg) in enumerate(rows):
             u = click.user_id
             last_row[u] = i
-            p = P[i]
-            top = [{"category": names[k], "p": float(p[k])} for k in top_idx[i]]
+            top = [{"category": names[k], "p": p} for k, p in zip(top_idx[i].tolist(), top_p[i], strict=True)]
             tops.append(top)
             record = {
                 "user_id": u,
-                "probs": p,
+                "probs": Fragment(probs_json[i]),
                 "top": top,
-                "model_version": self.version,
+                "model_version": version,
                 "event_time": click.ts,
                 "processed_at": now,
                 "events": row_events[i],
                 "event_id": click.event_id,
             }
-            plan.outputs.append((u.encode(), dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)))
-            plan.produce_ts.append(msg.timestamp)
-            plan.event_ts.append(click.ts)
+            outputs.append((u.encode(), dumps(record)))
+            produce_ts.append(msg.timestamp)
+            event_ts.append(click.ts)
 
         prefix = self.store.prefix
         for u, i in last_row.items():
@@ -255,7 +264,7 @@ class InterestProcessor:
             st.h = H[slot[u]].copy()
             st.c = C[slot[u]].copy()
             fields = encode_state(st)
-            fields["probs"] = dumps(P[i], option=orjson.OPT_SERIALIZE_NUMPY)
+            fields["probs"] = probs_json[i]
             fields["top"] = dumps(tops[i])
             fields["model_version"] = self.version
             fields["updated_at"] = repr(now)

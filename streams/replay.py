@@ -7,7 +7,7 @@
 
 Each event goes out keyed by its user id as ``{"user_id", "item_id", "ts", "action", "event_id"}`` with
 ``event_id = "<dataset>:<line>[:<loop>]"``. ``--loops N`` replays the log N times with user ids made distinct per loop
-(``<user>~<loop>``), so state keeps growing; ``--users N`` maps every (user, loop) onto a space of N synthetic ids
+(``<user>@<loop>``), so state keeps growing; ``--users N`` maps every (user, loop) onto a space of N synthetic ids
 (``s<n>``) for scale tests. ``interest-stream verify`` takes the same options and rebuilds exactly the same stream.
 """
 
@@ -55,7 +55,7 @@ def wire_events(
             if users:
                 uid = synthetic_id(e.user_id, loop, users)
             else:
-                uid = e.user_id if loops == 1 else f"{e.user_id}~{loop}"
+                uid = e.user_id if loops == 1 else f"{e.user_id}@{loop}"
             event: dict[str, object] = {"user_id": uid, "item_id": e.item_id, "ts": e.ts}
             if e.action:
                 event["action"] = e.action

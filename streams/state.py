@@ -161,7 +161,7 @@ class StateStore:
         while True:
             try:
                 await self.client.ping()
-                await self._script.client.script_load(CAS_WRITE)
+                await self.client.script_load(CAS_WRITE)
                 log.info("redis connected: %s", redact_url(self.settings.redis_url))
                 return
             except RedisError as exc:
