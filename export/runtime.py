@@ -59,7 +59,8 @@ class StepSession:
         want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
         providers: list = [CPU]
         if want_cuda:
-            providers = [(CUDA, {"device_id": 0}), CPU]
+            # fp32 exactly: TF32 matmuls (ORT's CUDA default) drift ~2e-4 from the CPU results
+            providers = [(CUDA, {"device_id": 0, "use_tf32": 0}), CPU]
             with contextlib.suppress(Exception):
                 ort.preload_dlls()  # CUDA/cuDNN from pip's nvidia-* wheels, if that is how they are installed
             if device == "auto":  # a CPU-only box is normal for auto: no warning about the CUDA fallback
@@ -133,7 +134,11 @@ class StepSession:
             raise ModelError(
                 f"{p}: sha256 differs from the one recorded in {self.path.name} (another model's catalog?)"
             )
-        rows = csv.reader(data.decode("utf-8").splitlines())
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        rows = csv.reader(text.splitlines())
         header = next(rows, None)
         if header is None or [x.strip() for x in header[:2]] != ["item_id", "categories"]:
             raise ModelError(f"{p}:1: header must be item_id,categories")

@@ -446,11 +446,6 @@ def assert_refused(names, kafka_bootstrap, redis_url, log_dir: Path, cases: list
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: export/runtime.py StepSession.load_catalog calls data.decode('utf-8') unguarded, so a catalog that "
-    "is not UTF-8 crashes the worker with a UnicodeDecodeError traceback instead of a ModelError line",
-)
 def test_worker_refuses_a_catalog_that_is_not_utf8(names, kafka_bootstrap, redis_url, trained_model, tmp_path):
     (tmp_path / "latin1.csv").write_bytes("item_id,categories\n1,Dr\xe4ma\n".encode("latin-1"))
     env = {"INTEREST_CATALOG_PATH": str(tmp_path / "latin1.csv")}
