@@ -109,6 +109,8 @@ def parse_ts(value: object) -> float:
 
 
 def _id_str(value: object, field: str, max_len: int) -> str:
+    if type(value) is str and 0 < len(value) <= max_len:  # the common case, first
+        return value
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise Rejected(f"bad_{field}", f"{field} must be a string or an integer, got {type(value).__name__}")
     s = str(value)

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 from aiokafka.partitioner import murmur2
 
+from export.runtime import CPU as CPU_PROVIDER
 from export.runtime import StepSession
 from streams.events import Click, EventDecoder, Limits, Rejected
 from streams.metrics import Metrics
@@ -213,11 +214,15 @@ class InterestProcessor:
         order = np.argsort(rounds, kind="stable")
         bounds = np.searchsorted(rounds[order], np.arange(rounds.max() + 2))
         t0 = time.perf_counter()
-        step = self.session.step
+        # the session's own run, without step()'s per-call checks: shapes and dtypes are right by construction
+        run = self.session.session.run
         for r in range(len(bounds) - 1):
             idx = order[bounds[r] : bounds[r + 1]]
             s = slots[idx]
-            p, h, c = step(feats[idx], H[s], C[s])
+            if self.session.provider == CPU_PROVIDER:
+                p, h, c = run(None, {"features": feats[idx], "h": H[s], "c": C[s]})
+            else:
+                p, h, c = self.session.step(feats[idx], H[s], C[s])
             H[s] = h
             C[s] = c
             P[idx] = p

@@ -54,13 +54,13 @@ class Settings(BaseSettings):
     """Partitions of the topics the worker creates (input, re-key, output, DLQ)."""
     max_batch: int = Field(2000, ge=1, le=100_000)
     """Largest batch of events stepped together (``stream.take(max_batch, ...)``)."""
-    max_latency_ms: float = Field(50.0, gt=0, le=60_000)
+    max_latency_ms: float = Field(10.0, gt=0, le=60_000)
     """Longest a partial batch waits before it is processed (``within=``)."""
     session_timeout_s: float = Field(10.0, gt=0)
     """Consumer group session timeout; a dead worker's partitions move after about this long."""
     commit_interval_s: float = Field(1.0, gt=0)
     """How often processed offsets are committed."""
-    fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
+    fetch_max_wait_ms: int = Field(5, ge=1, le=10_000)
     """Longest a fetch waits at the broker for data (Faust hard-codes 1500 ms; this caps it for latency)."""
 
     # --- Redis -------------------------------------------------------------------------------------------------
