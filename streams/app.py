@@ -16,9 +16,9 @@ import logging
 import os
 import time
 
-import aiokafka
 import faust
 
+from streams.kafka import cap_fetch_wait
 from streams.metrics import Metrics
 from streams.processor import BatchPlan, InterestProcessor
 from streams.settings import Settings, get_settings
@@ -54,16 +54,7 @@ def broker_credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
     return None
 
 
-class _ConsumerWithFetchWait(aiokafka.AIOKafkaConsumer):
-    """Faust builds its consumer with ``fetch_max_wait_ms=1500``; brokers that hold a fetch that long (Tansu holds it
-    ~500 ms even with data waiting) add that to every event's latency. This caps it at INTEREST_FETCH_MAX_WAIT_MS."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), settings.fetch_max_wait_ms)
-        super().__init__(*args, **kwargs)
-
-
-aiokafka.AIOKafkaConsumer = _ConsumerWithFetchWait  # type: ignore[misc]  # the name Faust's driver looks up
+cap_fetch_wait(settings.fetch_max_wait_ms)
 
 app = faust.App(
     settings.app_id,

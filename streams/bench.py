@@ -50,12 +50,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from streams.services import WorkerProcess, metric_total, spawn_worker
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
@@ -98,23 +99,6 @@ class Plan:
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def scrape(port: int) -> dict[str, float]:
-    """All samples of a Prometheus endpoint: ``name{labels}`` -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                out[name] = float(value)
-    return out
-
-
-def metric_sum(samples: dict[str, float], name: str) -> float:
-    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
 def histogram_buckets(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
@@ -181,23 +165,6 @@ async def start_store(store) -> None:
 
     await store.client.ping()
     await store.client.script_load(CAS_WRITE)
-
-
-@dataclass
-class WorkerProc:
-    proc: subprocess.Popen
-    metrics_port: int
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def samples(self) -> dict[str, float]:
-        return scrape(self.metrics_port)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -281,28 +248,12 @@ class Bench:
         return get_settings(**{k[len("INTEREST_") :].lower(): v for k, v in env.items()})
 
     # ---- processes ----------------------------------------------------------------------------------------------
-    def start_worker(self, env: dict[str, str], name: str) -> WorkerProc:
-        from streams.services import free_port
+    def start_worker(self, env: dict[str, str], name: str) -> WorkerProcess:
+        w = spawn_worker(env, self.logs / f"{name}.log", cwd=REPO)
+        self.procs.append(w.proc)
+        return w
 
-        port = free_port()
-        full = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")}
-        full.update(env)
-        full.update({"INTEREST_METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"})
-        self.logs.mkdir(parents=True, exist_ok=True)
-        path = self.logs / f"{name}.log"
-        with open(path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"],
-                env=full,
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        self.procs.append(proc)
-        return WorkerProc(proc, port, path)
-
-    def wait_ready(self, workers: list[WorkerProc]) -> None:
+    def wait_ready(self, workers: list[WorkerProcess]) -> None:
         for w in workers:
 
             def up(w=w) -> bool:
@@ -311,7 +262,7 @@ class Bench:
 
                     tail = w.log.read_text(errors="replace")[-2000:]
                     raise ServiceError(f"worker exited with {w.proc.returncode}: {tail}")
-                return metric_sum(w.samples(), "interest_events_in_total") >= 0
+                return metric_total(w.samples(), "interest_events_in_total") >= 0
 
             wait_for(up, 120, f"worker metrics ({w.log})", 0.2)
 
@@ -477,7 +428,7 @@ class Bench:
             t_first = a_first = t_last = None
             deadline = time.monotonic() + 120 + n / 500
             while True:
-                applied = sum(metric_sum(w.samples(), "interest_events_applied_total") for w in procs)
+                applied = sum(metric_total(w.samples(), "interest_events_applied_total") for w in procs)
                 now = time.perf_counter()
                 for i, p in enumerate(ps):
                     with contextlib.suppress(psutil.Error):
@@ -492,7 +443,7 @@ class Bench:
                         from models.errors import ServiceError
 
                         raise ServiceError(f"worker died: see {w.log}")
-                if t_first is None and any(metric_sum(w.samples(), "interest_dead_letters_total") for w in procs):
+                if t_first is None and any(metric_total(w.samples(), "interest_dead_letters_total") for w in procs):
                     from models.errors import ServiceError
 
                     raise ServiceError(f"{name}: events dead-lettered instead of applied; see {procs[0].log}")
@@ -511,9 +462,9 @@ class Bench:
             stop_all([w.proc for w in procs])
         seconds = max(t_last - t_first, 1e-9)
         eps = (n - a_first) / seconds
-        batches = sum(metric_sum(s, "interest_batch_size_count") for s in final)
-        ort_s = sum(metric_sum(s, "interest_ort_step_seconds_sum") for s in final)
-        redis_s = sum(metric_sum(s, "interest_redis_write_seconds_sum") for s in final)
+        batches = sum(metric_total(s, "interest_batch_size_count") for s in final)
+        ort_s = sum(metric_total(s, "interest_ort_step_seconds_sum") for s in final)
+        redis_s = sum(metric_total(s, "interest_redis_write_seconds_sum") for s in final)
         keys = int(rclient.dbsize())
         mem1 = int(rclient.info("memory")["used_memory"])
         rclient.close()
@@ -602,7 +553,7 @@ class Bench:
             for ev in itertools.islice(events, warmup):  # warm: group joined, model and caches warm
                 producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
             producer.flush()
-            applied = lambda: metric_sum(worker.samples(), "interest_events_applied_total")  # noqa: E731
+            applied = lambda: metric_total(worker.samples(), "interest_events_applied_total")  # noqa: E731
             wait_for(lambda: applied() >= warmup, 120, "the latency warm-up")
             before = worker.samples()
             t0 = time.perf_counter()
@@ -1021,6 +972,11 @@ def noop_worker(argv: list[str]) -> int:
 
     import faust
 
+    from streams.kafka import cap_fetch_wait
+    from streams.settings import Settings
+
+    defaults = Settings()
+    cap_fetch_wait(defaults.fetch_max_wait_ms)  # as the worker's app
     app = faust.App(
         a.group,
         broker=f"kafka://{a.bootstrap}",
@@ -1040,7 +996,7 @@ def noop_worker(argv: list[str]) -> int:
 
     @app.agent(topic)
     async def sink(stream):
-        async for events in stream.take_events(a.max_batch, within=0.05):
+        async for events in stream.take_events(a.max_batch, within=defaults.max_latency_ms / 1000):
             now = time.time()
             k = len(events)
             if state["first"] is None:

@@ -13,31 +13,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from models.errors import ServiceError
-from streams.services import RUN_DIR, pid_alive, read_pid_file, services_down, services_up, stop_pid
+from streams.services import (
+    RUN_DIR,
+    metric_total,
+    pid_alive,
+    read_pid_file,
+    scrape_metrics,
+    services_down,
+    services_up,
+    spawn_worker,
+)
 
 DEFAULT_DATA = Path("../shared/data/ml-100k")
 SHOW_USERS = ("405", "655", "13")  # three of ML-100K's most active users
 
 
 def scrape(port: int, name: str) -> float | None:
-    """One counter's value from the worker's Prometheus endpoint (None while it is not up)."""
+    """One metric's total from the worker's Prometheus endpoint (None while it is not up)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
+        return metric_total(scrape_metrics(port), name)
     except OSError:
         return None
-    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,14 +66,13 @@ def run(args: argparse.Namespace) -> int:
     model = build_default_model(data=args.data)
     print(f"model: {model}")
     settings = load_settings(model_path=model)
-    env = dict(os.environ, INTEREST_MODEL_PATH=str(model))
+    env = {k: v for k, v in os.environ.items() if k.startswith("INTEREST_")}
+    env["INTEREST_MODEL_PATH"] = str(model)
+    env["INTEREST_METRICS_PORT"] = str(settings.metrics_port)
     RUN_DIR.mkdir(exist_ok=True)
     log_path = RUN_DIR / "worker.log"
     print(f"== worker (log: {log_path})")
-    with open(log_path, "ab") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
+    worker = spawn_worker(env, log_path)
     stop = threading.Event()
     try:
         ds = load_dataset("movielens-100k", args.data)
@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
         last, last_t = 0.0, time.monotonic()
         while not stop.is_set():
             time.sleep(2)
-            if worker.poll() is not None:
-                raise ServiceError(f"the worker exited with code {worker.returncode}; see {log_path}")
-            applied = scrape(settings.metrics_port, "interest_events_applied_total") or 0.0
-            dead = scrape(settings.metrics_port, "interest_dead_letters_total") or 0.0
+            if not worker.alive():
+                raise ServiceError(f"the worker exited with code {worker.proc.returncode}; see {log_path}")
+            applied = scrape(worker.metrics_port, "interest_events_applied_total") or 0.0
+            dead = scrape(worker.metrics_port, "interest_dead_letters_total") or 0.0
             now = time.monotonic()
             rate = (applied - last) / (now - last_t)
             last, last_t = applied, now
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         print("== stopping worker")
-        stop_pid(worker.pid, signal.SIGTERM, timeout=20)
+        worker.stop(timeout=20)
         if not already_up:
             print("== stopping services")
             with contextlib.suppress(ServiceError):

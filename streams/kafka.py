@@ -15,6 +15,26 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def cap_fetch_wait(max_wait_ms: int) -> None:
+    """Cap the fetch wait of every AIOKafkaConsumer created from now on (Faust's included) at ``max_wait_ms``.
+
+    Faust builds its consumer with ``fetch_max_wait_ms=1500`` and offers no setting; a broker that holds a fetch that
+    long (Tansu holds it ~500 ms even with data waiting) adds it to every event's latency.
+    """
+    import aiokafka
+
+    original = getattr(aiokafka.AIOKafkaConsumer, "_interest_original", aiokafka.AIOKafkaConsumer)
+
+    class ConsumerWithFetchWait(original):  # type: ignore[misc, valid-type]
+        _interest_original = original
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), max_wait_ms)  # type: ignore[call-overload]
+            super().__init__(*args, **kwargs)
+
+    aiokafka.AIOKafkaConsumer = ConsumerWithFetchWait  # the name Faust's driver looks up at consumer creation
+
+
 def client_config(settings: Settings) -> dict[str, object]:
     """Connection options for any kafka-python client (producer, consumer, admin)."""
     cfg: dict[str, object] = {

@@ -17,7 +17,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +227,80 @@ def start_redis(
         svc.stop(signal.SIGKILL)
         raise ServiceError(f"Redis did not come up on {svc.address}; see {svc.log}") from None
     return svc
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """All samples of a worker's Prometheus endpoint on 127.0.0.1:port: ``name{labels}`` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def metric_total(samples: dict[str, float], name: str) -> float:
+    """Sum of one metric's samples over all its labels (0 if absent)."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+@dataclass
+class WorkerProcess:
+    """One ``interest-stream worker`` process (demo, benchmark, tests) with its metrics port and log file."""
+
+    proc: subprocess.Popen
+    metrics_port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def samples(self) -> dict[str, float]:
+        return scrape_metrics(self.metrics_port)
+
+    def metric(self, name: str) -> float:
+        """A metric's total; raises OSError while the endpoint is not up."""
+        return metric_total(self.samples(), name)
+
+    def kill(self) -> None:
+        """kill -9, and reap."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait (SIGKILL after ``timeout``); the exit code."""
+        stop_pid(self.proc.pid, signal.SIGTERM, timeout)
+        return self.proc.wait(timeout=5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def spawn_worker(env: dict[str, str], log: Path, cwd: Path | None = None) -> WorkerProcess:
+    """Start ``interest-stream worker`` with exactly the INTEREST_* variables in ``env`` (the caller's are dropped)
+    and a free metrics port unless ``env`` names one; output goes to ``log``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")}
+    full.update(env)
+    port = int(full.get("INTEREST_METRICS_PORT") or 0) or free_port()
+    full.update({"INTEREST_METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"],
+            env=full,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return WorkerProcess(proc, port, log)
 
 
 def read_pid_file(path: Path) -> tuple[int, int] | None:

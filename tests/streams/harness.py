@@ -9,19 +9,14 @@ worker.stop()
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
-from streams.services import free_port, stop_pid
+from streams.services import WorkerProcess, free_port, spawn_worker
 from tests.conftest import REPO
 
 TEST_SESSION_TIMEOUT_S = "6"  # Tansu: joining a group takes about half the session timeout
@@ -42,44 +37,6 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
     raise AssertionError(
         f"timed out after {timeout}s waiting for {what}" + (f" (last error {last_exc!r})" if last_exc else "")
     )
-
-
-@dataclass
-class WorkerProcess:
-    """One ``interest-stream worker`` process with its own metrics port and log file."""
-
-    proc: subprocess.Popen
-    metrics_port: int
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def metric(self, name: str) -> float:
-        """Sum of a metric's samples (0 if absent); raises while the endpoint is not up."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
-            total = 0.0
-            for line in resp.read().decode().splitlines():
-                if line.startswith(name) and (line[len(name)] in " {"):
-                    total += float(line.rsplit(" ", 1)[1])
-            return total
-
-    def kill(self) -> None:
-        """kill -9."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit code."""
-        stop_pid(self.proc.pid, signal.SIGTERM, timeout)
-        return self.proc.wait(timeout=5)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 def worker_env(names, kafka_bootstrap: str, redis_url: str, model: Path, **extra: str) -> dict[str, str]:
@@ -105,15 +62,9 @@ def start_worker(
     """Start a worker; with ``ready`` wait until its metrics endpoint answers (the model loaded, topics exist)."""
     port = free_port()
     env = worker_env(names, kafka_bootstrap, redis_url, model, INTEREST_METRICS_PORT=str(port), **extra)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"worker-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-        )
-    w = WorkerProcess(proc, port, log)
+    w = spawn_worker(env, log_dir / f"worker-{port}.log", cwd=REPO)
     if ready:
-        wait_for(lambda: w.alive() and w.metric("interest_events_in_total") >= 0, 60, f"worker metrics ({log})")
+        wait_for(lambda: w.alive() and w.metric("interest_events_in_total") >= 0, 60, f"worker metrics ({w.log})")
     return w
 
 
