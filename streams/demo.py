@@ -15,6 +15,7 @@ import contextlib
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from models.errors import ServiceError
@@ -30,7 +31,6 @@ from streams.services import (
 )
 
 DEFAULT_DATA = Path("../shared/data/ml-100k")
-SHOW_USERS = ("405", "655", "13")  # three of ML-100K's most active users
 
 
 def scrape(port: int, name: str) -> float | None:
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MovieLens 100K folder")
     parser.add_argument("--rate", type=float, help="replay rate in events/s (default: as fast as possible)")
     parser.add_argument("--limit", type=int, help="replay only the first N events")
+    parser.add_argument("--model", type=Path, help="use this exported model instead of training/reusing the default")
     parser.add_argument("--keep-running", action="store_true", help="keep worker and services up until Ctrl-C")
 
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print("== services")
     services_up()
     print("== model")
-    model = build_default_model(data=args.data)
+    model = args.model or build_default_model(data=args.data)
     print(f"model: {model}")
     settings = load_settings(model_path=model)
     env = {k: v for k, v in os.environ.items() if k.startswith("INTEREST_")}
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         ds = load_dataset("movielens-100k", args.data)
         total = min(args.limit or len(ds.events), len(ds.events))
+        # the three most active users of what is replayed: their bars move most
+        show = [u for u, _ in Counter(e.user_id for e in ds.events[:total]).most_common(3)]
         print(f"== replay: {total} events of {ds.name} into {settings.input_topic}")
         sent = [0]
 
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             rate = (applied - last) / (now - last_t)
             last, last_t = applied, now
             print(f"\n-- {applied:,.0f}/{total:,} applied ({rate:,.0f} events/s), {dead:,.0f} dead-lettered")
-            for u in SHOW_USERS:
+            for u in show:
                 interests = get_interests(u, settings, client)
                 if interests:
                     print(bar_chart(interests, width=30))
