@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -127,8 +129,11 @@ def redis_options(settings: Settings) -> dict[str, object]:
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
-    """An asyncio Redis client from the settings."""
-    return aioredis.Redis.from_url(settings.redis_url, health_check_interval=10, **redis_options(settings))
+    """An asyncio Redis client from the settings, without redis-py's own retries (10 by default, with backoff):
+    the StateStore retries itself, counted in ``interest_redis_retries_total`` and logged."""
+    return aioredis.Redis.from_url(
+        settings.redis_url, health_check_interval=10, retry=Retry(NoBackoff(), 0), **redis_options(settings)
+    )
 
 
 class StateStore:
