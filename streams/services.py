@@ -212,6 +212,8 @@ def start_redis(
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [str(redis_binary()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
     argv += ["--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"]
+    # a user's hash (one 1 KB state field) stays a compact listpack: ~1.9 KB instead of ~2.7 KB per user
+    argv += ["--hash-max-listpack-value", "2048"]
     if persistence:
         argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1000"]
     else:
