@@ -132,3 +132,12 @@ def test_lookup_reads_what_the_worker_wrote(setup, rclient) -> None:
     assert interests.top[0][0] in chart and "%" in chart
     assert get_interests("nobody", settings) is None
     assert get_interests("bad id*", settings) is None
+
+
+def test_optional_ttl(settings_for, trained_model, rclient) -> None:
+    settings = settings_for(redis_ttl_s=600)
+    session = StepSession(trained_model, device="cpu")
+    store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+    proc = InterestProcessor(session, store, settings, session.load_catalog(), {settings.input_topic: 4})
+    asyncio.run(_run(proc, _msgs(settings, [{"user_id": "ttl", "category": "Drama", "ts": 5}])))
+    assert 0 < rclient.ttl(settings.redis_prefix + "ttl") <= 600

@@ -24,13 +24,17 @@ def test_many_users_match_offline_replay(
     names, kafka_bootstrap, redis_url, trained_model, data_dir, rclient, settings_for, tmp_path
 ):
     events = ml_events(data_dir, 6000)
-    worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
+    worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path, INTEREST_LOG_FORMAT="json")
     try:
         produce(kafka_bootstrap, names.input_topic, events)
         wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "all events applied")
         assert worker.metric("interest_events_applied_total") == len(events)
     finally:
         assert worker.stop() == 0, worker.output()[-3000:]
+    # structured logs: one JSON object per line (Faust's own lines included)
+    logs = [orjson.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    assert len(logs) >= 5 and {"ts", "level", "logger", "message"} <= set(logs[0])
+    assert any(rec["logger"].startswith("faust") for rec in logs)
     users = {e["user_id"] for e in events}
     keys = {k.decode() for k in rclient.scan_iter(match=names.redis_prefix + "*")}
     assert keys == {names.redis_prefix + u for u in users}
