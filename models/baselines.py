@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 
-from models.data import DATASETS, load_dataset
+from models.data import add_dataset_arguments, load_dataset
 from models.metrics import evaluate
 from models.sequences import UserSequences, build_sequences
 from models.vocab import build_vocabulary
@@ -113,9 +113,7 @@ def run_baselines(seqs: UserSequences) -> tuple[dict[str, list[np.ndarray]], dic
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="baseline metrics on the fixed protocol")
-    ap.add_argument("--dataset", choices=DATASETS, required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--items")
+    add_dataset_arguments(ap)
     ap.add_argument("--top-k", type=int, default=100)
     a = ap.parse_args()
     ds = load_dataset(a.dataset, a.data, a.items)

@@ -34,6 +34,13 @@ ML_GENRES = (
 )  # fmt: skip
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dataset``, ``--data`` and ``--items``: the options that name an event log (every command that reads one)."""
+    parser.add_argument("--dataset", choices=DATASETS, required=True)
+    parser.add_argument("--data", required=True, help="events file or data folder (see models/data.py)")
+    parser.add_argument("--items", help="items CSV (item_id,categories) for --dataset csv")
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     user_id: str  # as in the file
@@ -246,8 +253,6 @@ def load_dataset(name: str, data: str | Path, items: str | Path | None = None) -
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="print the summary of a data set")
-    ap.add_argument("--dataset", choices=DATASETS, required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--items")
+    add_dataset_arguments(ap)
     a = ap.parse_args()
     print(json.dumps(load_dataset(a.dataset, a.data, a.items).summary, indent=2))

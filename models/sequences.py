@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.features import encode_events
-from models.data import DATASETS, Dataset, load_dataset
+from models.data import Dataset, add_dataset_arguments, load_dataset
 from models.vocab import Vocabulary, build_vocabulary
 
 SPLITS = ("train", "val", "test")
@@ -86,9 +86,7 @@ def build_sequences(ds: Dataset, vocab: Vocabulary) -> UserSequences:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="print the protocol's split sizes")
-    ap.add_argument("--dataset", choices=DATASETS, required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--items")
+    add_dataset_arguments(ap)
     ap.add_argument("--top-k", type=int, default=100)
     a = ap.parse_args()
     ds = load_dataset(a.dataset, a.data, a.items)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from export.features import N_TIME_FEATURES
 from models.baselines import run_baselines
 from models.checkpoint import save_checkpoint
-from models.data import DATASETS, load_dataset
+from models.data import add_dataset_arguments, load_dataset
 from models.errors import ConfigError
 from models.metrics import METRICS, evaluate
 from models.model import PROB_EPS, InterestModel, ModelConfig
@@ -54,9 +54,7 @@ MODEL_OPTIONS = ("hidden_size", "action_dim", "dropout", "n_memories", "head_hid
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASETS, required=True)
-    parser.add_argument("--data", required=True, help="data folder or events file (see models/data.py)")
-    parser.add_argument("--items", help="items CSV (item_id,categories) for --dataset csv")
+    add_dataset_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder for model.pt and the report")
     tc, mc = TrainConfig(), ModelConfig()
     opts = [(f.name, getattr(tc, f.name)) for f in fields(TrainConfig)]

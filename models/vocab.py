@@ -13,7 +13,7 @@ import argparse
 from collections import Counter
 from dataclasses import dataclass
 
-from models.data import DATASETS, Dataset, load_dataset
+from models.data import Dataset, add_dataset_arguments, load_dataset
 from models.errors import ConfigError
 
 OTHER = "other"
@@ -61,9 +61,7 @@ def build_vocabulary(ds: Dataset, top_k: int = 100) -> Vocabulary:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="print a data set's vocabulary")
-    ap.add_argument("--dataset", choices=DATASETS, required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--items")
+    add_dataset_arguments(ap)
     ap.add_argument("--top-k", type=int, default=100)
     a = ap.parse_args()
     v = build_vocabulary(load_dataset(a.dataset, a.data, a.items), a.top_k)

@@ -56,7 +56,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streams.services import WorkerProcess, metric_total, spawn_worker
+from streams.services import WorkerProcess, metric_total, spawn_worker, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
@@ -168,19 +168,7 @@ async def start_store(store) -> None:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # not up yet
-            last = exc
-        time.sleep(interval)
-    from models.errors import ServiceError
-
-    raise ServiceError(f"bench: timed out after {timeout:.0f}s waiting for {what}" + (f" ({last!r})" if last else ""))
+    return wait_until(predicate, timeout, interval, f"bench: {what}")
 
 
 def stop_all(procs: Iterable[subprocess.Popen], timeout: float = 15.0) -> None:

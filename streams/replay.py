@@ -17,18 +17,15 @@ import argparse
 import hashlib
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-from models.data import DATASETS, Dataset, load_dataset
+from models.data import Dataset, add_dataset_arguments, load_dataset
 from models.errors import ConfigError
 from streams.events import encode_event
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that pick and reshape the event log (shared by replay and verify)."""
-    parser.add_argument("--dataset", choices=DATASETS, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="events file or folder (see README)")
-    parser.add_argument("--items", type=Path, help="items CSV (csv data set)")
+    add_dataset_arguments(parser)
     parser.add_argument("--limit", type=int, help="only the first N events of the log")
     parser.add_argument("--loops", type=int, default=1, help="replay the log N times, user ids distinct per loop")
     parser.add_argument("--users", type=int, help="map users onto N synthetic ids (scale tests)")

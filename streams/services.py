@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,19 +70,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> None:
-    """Poll ``predicate`` until it returns true; raise ServiceError after ``timeout`` seconds."""
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    interval: float = 0.1,
+    what: str = "condition",
+    error: type[Exception] = ServiceError,
+) -> object:
+    """Poll ``predicate`` until it returns something true (returned); raise ``error`` after ``timeout`` seconds.
+
+    Exceptions from ``predicate`` count as "not yet" (a service still starting); the last one is named on timeout.
+    """
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            if predicate():
-                return
-        except Exception as exc:  # the service is not up yet
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # not up yet
             last_exc = exc
         time.sleep(interval)
-    detail = f" (last error: {last_exc})" if last_exc else ""
-    raise ServiceError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+    detail = f" (last error: {last_exc!r})" if last_exc else ""
+    raise error(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
 
 
 def kafka_answers(bootstrap: str) -> bool:

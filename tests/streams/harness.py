@@ -16,27 +16,15 @@ from pathlib import Path
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
-from streams.services import WorkerProcess, free_port, spawn_worker
+from streams.services import WorkerProcess, free_port, spawn_worker, wait_until
 from tests.conftest import REPO
 
 TEST_SESSION_TIMEOUT_S = "6"  # Tansu: joining a group takes about half the session timeout
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
-    """Poll until ``predicate()`` is truthy; fail the test with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # not ready yet
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what}" + (f" (last error {last_exc!r})" if last_exc else "")
-    )
+    """Poll until ``predicate()`` is truthy (returned); fail the test with ``what`` after ``timeout`` seconds."""
+    return wait_until(predicate, timeout, interval, what, AssertionError)
 
 
 def worker_env(names, kafka_bootstrap: str, redis_url: str, model: Path, **extra: str) -> dict[str, str]:
