@@ -72,7 +72,8 @@ app = faust.App(
     broker_commit_interval=settings.commit_interval_s,
     broker_max_poll_records=max(500, settings.max_batch),
     stream_buffer_maxsize=max(4096, 2 * settings.max_batch),
-    producer_linger_ms=5,
+    # output records wait for delivery at the end of each batch: a short linger keeps that wait short
+    producer_linger_ms=1,
     producer_max_batch_size=256 * 1024,
     web_enabled=settings.web_port > 0,
     web_port=settings.web_port or 6066,
