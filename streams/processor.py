@@ -76,6 +76,21 @@ class BatchPlan:
         return len(self.outputs)
 
 
+def decoder_for(session: StepSession, settings: Settings, catalog: dict[str, tuple[int, ...]]) -> EventDecoder:
+    """The worker's event decoder for this model, catalog and settings (the replay oracle validates with it too)."""
+    return EventDecoder(
+        catalog,
+        session.meta.category_index,
+        session.encoder.action_index,
+        Limits(
+            max_event_bytes=settings.max_event_bytes,
+            max_user_id_len=settings.max_user_id_len,
+            max_categories=settings.max_categories,
+            max_future_s=settings.max_future_s,
+        ),
+    )
+
+
 def default_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2, as in Java, kafka-python and aiokafka) picks for key."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
@@ -106,17 +121,7 @@ class InterestProcessor:
         self.window_bytes = 8 * settings.dedup_window
         self.h0 = np.asarray(meta.h0, dtype=np.float32)
         self.c0 = np.asarray(meta.c0, dtype=np.float32)
-        self.decoder = EventDecoder(
-            catalog,
-            meta.category_index,
-            self.encoder.action_index,
-            Limits(
-                max_event_bytes=settings.max_event_bytes,
-                max_user_id_len=settings.max_user_id_len,
-                max_categories=settings.max_categories,
-                max_future_s=settings.max_future_s,
-            ),
-        )
+        self.decoder = decoder_for(session, settings, catalog)
         self._hash: dict[bytes, int] = {}
 
     def key_hash(self, key: bytes) -> int:

@@ -20,7 +20,8 @@ import numpy as np
 import orjson
 
 from export.runtime import StepSession, replay_log
-from streams.events import EventDecoder, Limits, Rejected, encode_event
+from streams.events import Rejected, encode_event
+from streams.processor import decoder_for
 from streams.settings import Settings
 
 TOLERANCE = 1e-5
@@ -50,16 +51,6 @@ class VerifyReport:
             f"max |dp| = {self.max_dp:.2e} (tolerance {self.tolerance:.0e}); missing users: {len(self.missing)}; "
             f"wrong event counts: {len(self.wrong_count)}; users above tolerance: {len(self.mismatched)}"
         )
-
-
-def decoder_for(session: StepSession, settings: Settings, catalog: dict[str, tuple[int, ...]]) -> EventDecoder:
-    """The worker's decoder for this model and these settings."""
-    return EventDecoder(
-        catalog,
-        session.meta.category_index,
-        session.encoder.action_index,
-        Limits(settings.max_event_bytes, settings.max_user_id_len, settings.max_categories, settings.max_future_s),
-    )
 
 
 def verify_events(

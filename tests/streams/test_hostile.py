@@ -287,7 +287,8 @@ def test_ten_thousand_bad_events_dead_lettered_good_ones_applied(
     names, kafka_bootstrap, redis_url, trained_model, data_dir, rclient, settings_for, tmp_path
 ):
     from export.runtime import StepSession
-    from streams.verify import decoder_for, verify_events
+    from streams.processor import decoder_for
+    from streams.verify import verify_events
 
     settings = settings_for()
     session = StepSession(trained_model, device="cpu")
