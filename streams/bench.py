@@ -505,7 +505,7 @@ class Bench:
                     plan = await processor.prepare([msg])  # one ORT call
                     for key, value in plan.outputs:
                         await producer.send_and_wait(settings.output_topic, value, key=key)  # one awaited send
-                    await store.write(plan.writes, plan.states)  # one Redis write
+                    await processor.write(plan)  # one Redis write
                     done += 1
                     if done >= n:
                         break

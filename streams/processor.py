@@ -4,21 +4,24 @@ One call to :meth:`InterestProcessor.prepare` takes a batch of Kafka messages an
 
 1. decodes and validates each (invalid -> dead letter with a reason; keyed by something other than the user id,
    or on a partition the user's key does not hash to -> re-key);
-2. loads the states of the batch's users (in-process cache, else one Redis pipeline; none -> cold start from the
-   model's learned initial state);
+2. loads the states of the batch's users (those of an earlier batch not yet written, else the in-process cache,
+   else one Redis pipeline; none -> cold start from the model's learned initial state);
 3. drops duplicates: an input position at or below the user's last applied one (redelivery), or a fingerprint among
    the user's recent events (a producer re-send);
 4. steps all users together, in rounds: round r holds every user's r-th event of the batch, so each user's events
-   are applied in order while the ONNX session sees one batched call per round;
+   are applied in order while the ONNX session sees one batched call per round (in a thread: ORT releases the GIL);
 5. builds one output record per applied event and one Redis write per user (its newest state only).
 
-Nothing is written here; :class:`streams.app` publishes the plan, then writes Redis, then lets Faust ack.
+Nothing is written by ``prepare``: :mod:`streams.app` publishes the plan, then calls :meth:`InterestProcessor.write`,
+then acks. The next batch may be prepared before that: it builds on the states of the plans not yet written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,8 +29,8 @@ import numpy as np
 import orjson
 from aiokafka.partitioner import murmur2
 
-from export.runtime import CPU as CPU_PROVIDER
 from export.runtime import StepSession
+from export.sequence import SequenceSession
 from streams.events import Click, EventDecoder, Limits, Rejected
 from streams.metrics import Metrics
 from streams.settings import Settings
@@ -123,6 +126,10 @@ class InterestProcessor:
         self.c0 = np.asarray(meta.c0, dtype=np.float32)
         self.decoder = decoder_for(session, settings, catalog)
         self._hash: dict[bytes, int] = {}
+        # states of batches prepared but not yet written: the next batch builds on them (see written())
+        self.inflight: dict[str, UserState] = {}
+        self.sequence = SequenceSession(session, settings.ort_threads or None)
+        self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step")
 
     def key_hash(self, key: bytes) -> int:
         """murmur2(key) & 0x7fffffff, memoised (aiokafka's murmur2 is pure Python: ~5 us a call)."""
@@ -143,6 +150,50 @@ class InterestProcessor:
         home = self.partition_for(msg.topic, key)
         return home is not None and home != msg.partition
 
+    def _step_users(
+        self, feats: np.ndarray, H: np.ndarray, C: np.ndarray, P: np.ndarray, rounds: np.ndarray, slots: np.ndarray
+    ) -> None:
+        """Step every user through its events of the batch; H and C (one row per user) in place, P (per event) filled.
+
+        Row i is user slots[i]'s event number rounds[i]. Users are grouped by their event count (1, 2-4, 5-16, 17-64,
+        ...); each group is one call of the sequence graph over a (users, T) block padded to the group's longest,
+        so padding at most quadruples a group's work while a user with 100 events costs one call, not 100.
+        """
+        n_users = H.shape[0]
+        counts = np.bincount(slots, minlength=n_users)
+        group = np.zeros(n_users, dtype=np.int64)
+        many = counts > 1
+        group[many] = np.ceil(np.log(counts[many]) / np.log(4.0) - 1e-9).astype(np.int64)
+        pos = np.empty(n_users, dtype=np.int64)
+        run = self.sequence.session.run
+        for g in np.unique(group[counts > 0]):
+            users = np.flatnonzero((group == g) & (counts > 0))
+            pos.fill(-1)
+            pos[users] = np.arange(len(users))
+            sel = np.flatnonzero(pos[slots] >= 0)  # this group's events, in batch order
+            gi, ti = pos[slots[sel]], rounds[sel]
+            t_max = int(counts[users].max())
+            x = np.zeros((len(users), t_max, feats.shape[1]), dtype=np.float32)
+            x[gi, ti] = feats[sel]
+            mask = np.zeros((len(users), t_max, 1), dtype=bool)
+            mask[gi, ti] = True
+            p, h, c = run(None, {"seq_features": x, "seq_mask": mask, "h0": H[users], "c0": C[users]})
+            H[users] = h
+            C[users] = c
+            P[sel] = p[gi, ti]
+
+    async def write(self, plan: BatchPlan) -> int:
+        """Write the plan's states to Redis (one pipeline); returns the number of stale writes (see StateStore.write).
+
+        Until then the next batch builds on them from ``inflight``; afterwards from the store's cache.
+        """
+        stale = await self.store.write(plan.writes, plan.states)
+        inflight = self.inflight
+        for u, st in plan.states.items():
+            if inflight.get(u) is st:  # unless a later batch has stepped u further
+                del inflight[u]
+        return stale
+
     async def prepare(self, messages: Sequence[Message]) -> BatchPlan:
         plan = BatchPlan()
         decode = self.decoder.decode
@@ -162,10 +213,13 @@ class InterestProcessor:
             return plan
 
         users = list(dict.fromkeys(c.user_id for c, _ in accepted))
-        stored = await self.store.load(users)
+        inflight = self.inflight
+        # taken before the await: a write finishing meanwhile drops its states from inflight
+        carried = {u: inflight[u] for u in users if u in inflight}
+        stored = await self.store.load([u for u in users if u not in carried])
         work: dict[str, UserState] = {}
         for u in users:
-            st = stored.get(u)
+            st = carried.get(u) or stored.get(u)
             if st is None:
                 work[u] = UserState(h=self.h0, c=self.c0)
             else:  # copy: the cached state changes only once Redis has the new one
@@ -216,21 +270,10 @@ class InterestProcessor:
         P = np.empty((n, len(self.categories)), dtype=np.float32)
         rounds = np.asarray(row_round)
         slots = np.asarray(row_slot)
-        order = np.argsort(rounds, kind="stable")
-        bounds = np.searchsorted(rounds[order], np.arange(rounds.max() + 2))
         t0 = time.perf_counter()
-        # the session's own run, without step()'s per-call checks: shapes and dtypes are right by construction
-        run = self.session.session.run
-        for r in range(len(bounds) - 1):
-            idx = order[bounds[r] : bounds[r + 1]]
-            s = slots[idx]
-            if self.session.provider == CPU_PROVIDER:
-                p, h, c = run(None, {"features": feats[idx], "h": H[s], "c": C[s]})
-            else:
-                p, h, c = self.session.step(feats[idx], H[s], C[s])
-            H[s] = h
-            C[s] = c
-            P[idx] = p
+        # in the step thread: ORT releases the GIL, so Faust keeps collecting the next batch meanwhile
+        step = self._step_users
+        await asyncio.get_running_loop().run_in_executor(self._step_thread, step, feats, H, C, P, rounds, slots)
         plan.ort_seconds = time.perf_counter() - t0
         if self.metrics:
             self.metrics.ort_step_seconds.observe(plan.ort_seconds)
@@ -280,4 +323,5 @@ class InterestProcessor:
             fields["updated_at"] = repr(now)
             plan.writes.append(UserWrite(prefix + u, fields, st.events))
             plan.states[u] = st
+        inflight.update(plan.states)  # the next batch starts from these, before they reach Redis
         return plan

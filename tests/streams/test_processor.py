@@ -42,7 +42,7 @@ def _msgs(settings, events, start=0, partition=None):
 
 async def _run(proc: InterestProcessor, msgs):
     plan = await proc.prepare(msgs)
-    await proc.store.write(plan.writes, plan.states)
+    await proc.write(plan)
     return plan
 
 
@@ -88,7 +88,7 @@ def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
         rclient.hset(key, "model_version", "x")  # the zombie reads "no state"
         plan = await zombie.prepare(_msgs(settings, [e1]))
         rclient.hset(key, "model_version", second.version)
-        return await zombie.store.write(plan.writes, plan.states)
+        return await zombie.write(plan)
 
     assert asyncio.run(zombie_write()) == 1
     assert int(rclient.hget(key, "events")) == 2
