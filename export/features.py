@@ -70,7 +70,7 @@ class ModelMeta:
     category_index: dict[str, int]  # every raw category seen in training data -> output index
     actions: list[str]  # action vocabulary
     default_action: str  # used when an event carries no action
-    hidden_size: int  # size of h and of c (LSTM units + category memory slots)
+    hidden_size: int  # size of h and of c (per ensemble member: LSTM units + category memory slots)
     n_features: int
     h0: np.ndarray  # (H,) float32 learned initial state
     c0: np.ndarray  # (H,) float32

@@ -6,8 +6,10 @@
 
 The graph is stateless: inputs features (B, F), h (B, H), c (B, H) -> outputs probs (B, K), h_next, c_next,
 with a dynamic batch axis, exported with the TorchScript exporter (dynamo=False); the LSTM cell math is
-written out in models/model.py, so it exports as plain ops. The metadata_props carry ModelMeta
-(export/features.py): model version, vocabularies, initial state, prior and the sha256 of catalog.csv.
+written out in models/model.py, so it exports as plain ops, and models.model.StepModel rearranges one step
+for the graph (the ensemble members side by side, everything that depends only on the event in one matmul).
+The metadata_props carry ModelMeta (export/features.py): model version, vocabularies, initial state, prior and
+the sha256 of catalog.csv.
 
 Parity: random sequences and real users' sequences (kept in the checkpoint, encoded with the same
 FeatureEncoder the stream worker uses), length >= 50, batch 1, 7 and 512: the ONNX model stepped event by event

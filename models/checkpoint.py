@@ -47,6 +47,19 @@ def save_checkpoint(path: str | Path, model: InterestModel, vocab: Vocabulary, e
     return ckpt
 
 
+def _single_to_members(state: dict) -> dict:
+    """A state_dict of the one-model layout (nn.Linear weights (out, in)) -> the member layout (1, in, out)."""
+    out = {}
+    for k, v in state.items():
+        if k in ("h0", "c0") or k.endswith(".bias"):
+            out[k] = v.reshape(1, 1, -1)
+        elif k.endswith(".weight"):
+            out[k] = v.t().unsqueeze(0)
+        else:
+            out[k] = v
+    return out
+
+
 def load_checkpoint(path: str | Path) -> tuple[InterestModel, dict]:
     """-> (model in eval mode, the checkpoint dict); ModelError on a missing, corrupt or foreign file."""
     p = Path(path)
@@ -63,6 +76,8 @@ def load_checkpoint(path: str | Path) -> tuple[InterestModel, dict]:
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{p}: checkpoint format {ckpt.get('format_version')} unsupported (want {FORMAT_VERSION})")
     try:
+        if "n_members" not in ckpt["config"]:  # written before ensembles: nn.Linear layout, one member
+            ckpt["state_dict"] = _single_to_members(ckpt["state_dict"])
         model = InterestModel(ModelConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:

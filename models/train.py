@@ -48,9 +48,12 @@ class TrainConfig:
     threads: int = 1  # torch intra-op threads (1: small ops gain little from 2, and it degrades badly on a busy box)
     eval_batch: int = 256  # users per evaluation forward
     shuffle_ties: bool = True  # augmentation: random order of a user's same-timestamp train events each epoch
+    ema: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (decay per step)
+    aux_horizon: int = 1  # > 1: the training target mixes in the mean of the next aux_horizon train events
+    aux_weight: float = 0.0  # weight of that multi-event target
 
 
-MODEL_OPTIONS = ("hidden_size", "action_dim", "dropout", "n_memories", "head_hidden")
+MODEL_OPTIONS = ("hidden_size", "action_dim", "dropout", "n_memories", "head_hidden", "n_members")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,8 +145,22 @@ def predict(model: InterestModel, seqs: UserSequences, batch: int = 256) -> list
 
 
 def masked_ce(p: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    ce = -(y * torch.log(p.clamp_min(PROB_EPS))).sum(-1)  # (B, L+1)
-    return (ce * mask).sum() / mask.sum()
+    """p (..., B, L+1, K) (leading axes: ensemble members), y (B, L+1, K), mask (B, L+1) -> mean ce."""
+    ce = -(y * torch.log(p.clamp_min(PROB_EPS))).sum(-1)  # (..., B, L+1)
+    return (ce * mask).sum() / (mask.sum() * (ce.numel() // mask.numel()))
+
+
+def training_target(y: torch.Tensor, mask: torch.Tensor, tc: TrainConfig) -> torch.Tensor:
+    """The target the loss sees: y, optionally mixed with the mean of the next aux_horizon train events
+    (within each user's train prefix: mask; ML-100K's same-second events come in arbitrary order)."""
+    if tc.aux_horizon > 1 and tc.aux_weight > 0:
+        cs = torch.cat([torch.zeros_like(y[:, :1]), torch.cumsum(y * mask.unsqueeze(-1), dim=1)], dim=1)
+        n = mask.sum(dim=1, keepdim=True)  # (B, 1) targets per row
+        j = torch.arange(y.shape[1]).unsqueeze(0)  # (1, L+1)
+        end = torch.minimum(j + tc.aux_horizon, n.long()).clamp_min(j + 1)  # (B, L+1)
+        win = torch.gather(cs, 1, end.unsqueeze(-1).expand_as(y)) - cs[:, :-1]
+        y = (1 - tc.aux_weight) * y + tc.aux_weight * win / (end - j).unsqueeze(-1)
+    return y
 
 
 def fit(model: InterestModel, seqs: UserSequences, tc: TrainConfig, progress: bool = True) -> tuple[list[dict], int]:
@@ -153,26 +170,39 @@ def fit(model: InterestModel, seqs: UserSequences, tc: TrainConfig, progress: bo
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs, eta_min=tc.lr / 20)
     history: list[dict] = []
     best = (math.inf, 0, {k: v.clone() for k, v in model.state_dict().items()})
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params] if tc.ema > 0 else None
     bar = tqdm(range(1, tc.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
         t0, tot, n = time.perf_counter(), 0.0, 0.0
         for x, y, mask in train_batches(seqs, tc.batch_users, rng, tc.shuffle_ties):
-            loss = masked_ce(model(x), y, mask)
+            # each ensemble member on its own loss (independent members; the mean of their losses)
+            loss = masked_ce(model.forward_members(x), training_target(y, mask, tc), mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - tc.ema)
             tot += loss.item() * float(mask.sum())
             n += float(mask.sum())
         sched.step()
+        if ema is not None:  # evaluate (and keep) the averaged weights; training goes on from the raw ones
+            raw = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in params], ema)
         val = evaluate(*seqs.gather(predict(model, seqs, tc.eval_batch), "val"))
         row = {"epoch": epoch, "train_loss": tot / n, "val_ce": val["ce"], "val_top3_mass": val["top3_mass"]}
         history.append({**row, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{tot / n:.4f}", val_ce=f"{val['ce']:.4f}", top3=f"{val['top3_mass']:.4f}")
         if val["ce"] < best[0] - 1e-5:
             best = (val["ce"], epoch, {k: v.clone() for k, v in model.state_dict().items()})
-        elif epoch - best[1] >= tc.patience:
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in params], raw)
+        if epoch - best[1] >= tc.patience:
             break
     model.load_state_dict(best[2])
     model.eval()

@@ -95,17 +95,73 @@ def test_cli_arguments():
         configs_from_args(ap.parse_args(["--dataset", "csv", "--data", "e", "--out", "o", "--epochs", "0"]))
 
 
-def test_step_matches_sequence_forward():
+@pytest.mark.parametrize("members", [1, 3])
+def test_step_matches_sequence_forward(members: int):
     torch.manual_seed(0)
-    m = InterestModel(ModelConfig(n_categories=5, n_actions=3, hidden_size=8)).eval()
+    m = InterestModel(ModelConfig(n_categories=5, n_actions=3, hidden_size=8, n_members=members)).eval()
+    assert m.cfg.state_size == members * (8 + 5 * 4 // 2)
     x = torch.rand(3, 6, m.cfg.n_features)
     full = m(x)
     h, c = m.initial_state(3)
+    assert h.shape == (3, m.cfg.state_size)
     assert torch.allclose(full[:, 0], m.probs(h, c))
     for t in range(6):
         h, c = m.step(x[:, t], h, c)
         assert torch.allclose(full[:, t + 1], m.probs(h, c), atol=1e-6)
     assert torch.allclose(full.sum(-1), torch.ones(3, 7), atol=1e-5)
+
+
+def test_ensemble_is_the_mean_of_independent_members():
+    """Member i of an ensemble computes exactly what a one-member model with member i's weights computes."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_categories=5, n_actions=3, hidden_size=8, n_members=3)
+    ens = InterestModel(cfg).eval()
+    x = torch.rand(2, 7, cfg.n_features)
+    singles = []
+    for i in range(3):
+        one = InterestModel(ModelConfig(**{**cfg.to_dict(), "n_members": 1})).eval()
+        one.load_state_dict({k: v[i : i + 1] for k, v in ens.state_dict().items()})
+        singles.append(one(x))
+    assert torch.allclose(ens.forward_members(x), torch.stack(singles), atol=1e-6)
+    assert torch.allclose(ens(x), torch.stack(singles).mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("members", "head_hidden", "memory"), [(1, 0, True), (3, 0, True), (2, 8, True), (2, 0, False)]
+)
+def test_export_step_matches_model(members: int, head_hidden: int, memory: bool):
+    """StepModel (the exported graph, with its fused weights) == InterestModel.step + probs."""
+    from models.model import StepModel
+
+    torch.manual_seed(2)
+    cfg = ModelConfig(n_categories=5, n_actions=3, hidden_size=8, n_members=members, head_hidden=head_hidden)
+    cfg.memory = memory
+    m = InterestModel(cfg)
+    with torch.no_grad():
+        for p in m.parameters():  # trained weights are not the zero-initialised ones
+            p.normal_(0, 0.5)
+    m.eval()
+    step = StepModel(m)
+    x = torch.rand(4, 6, cfg.n_features)
+    full = m(x)
+    h, c = m.initial_state(4)
+    h2, c2 = h, c
+    for t in range(6):
+        p, h, c = step(x[:, t], h, c)
+        h2, c2 = m.step(x[:, t], h2, c2)
+        assert torch.allclose(p, full[:, t + 1], atol=1e-6)
+        assert torch.allclose(h, h2, atol=1e-6) and torch.allclose(c, c2, atol=1e-6)
+
+
+def test_training_target_mixes_only_train_events():
+    from models.train import training_target
+
+    y = torch.eye(3).repeat(1, 2, 1)[:, :5]  # (1, 5, 3): categories 0 1 2 0 1
+    mask = torch.tensor([[1.0, 1, 1, 1, 0]])  # the 5th is not a train target
+    out = training_target(y, mask, TrainConfig(aux_horizon=2, aux_weight=0.5))
+    assert torch.allclose(out[0, 0], torch.tensor([0.75, 0.25, 0]))
+    assert torch.allclose(out[0, 3], torch.tensor([1.0, 0, 0]))  # the window stops at the train prefix
+    assert torch.allclose(training_target(y, mask, TrainConfig()), y)
 
 
 def test_trained_model_beats_popularity(trained_model: Path):
@@ -131,3 +187,23 @@ def test_shuffle_ties_only_permutes_within_equal_timestamps():
         assert sorted(out[1:4, 0]) == sorted(x[1:4, 0]) and sorted(out[4:6, 0]) == sorted(x[4:6, 0])
         seen.add(tuple(out[:, 0]))
     assert len(seen) > 1
+
+
+def test_loads_checkpoints_written_before_ensembles(tmp_path: Path):
+    """A one-model checkpoint (nn.Linear layout, no n_members in its config) loads as a one-member model."""
+    from models.checkpoint import FORMAT, FORMAT_VERSION
+
+    torch.manual_seed(3)
+    m = InterestModel(ModelConfig(n_categories=5, n_actions=3, hidden_size=8)).eval()
+    old = {
+        k: v.reshape(-1) if k in ("h0", "c0") or k.endswith(".bias") else v[0].t().contiguous()
+        for k, v in m.state_dict().items()
+    }
+    assert old["cell.proj.weight"].shape == (4 * 8, 5 + 8 + 2 + 8)  # (out, in) as nn.Linear kept it
+    cfg = m.cfg.to_dict()
+    del cfg["n_members"]
+    ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": "csv-0", "config": cfg, "state_dict": old}
+    torch.save(ck, tmp_path / "model.pt")
+    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    x = torch.rand(2, 5, m.cfg.n_features)
+    assert loaded.cfg.n_members == 1 and torch.allclose(loaded(x), m(x))
