@@ -489,7 +489,8 @@ class Bench:
             session = StepSession(self.model, device="cpu", intra_op_threads=1)
             store = StateStore(settings, session.meta.version, session.meta.hidden_size)
             await start_store(store)
-            processor = InterestProcessor(session, store, settings, session.load_catalog())
+            # ORT called inline, as a first implementation would
+            processor = InterestProcessor(session, store, settings, session.load_catalog(), step_in_thread=False)
             consumer = AIOKafkaConsumer(
                 topic, bootstrap_servers=self.bootstrap, group_id=None, auto_offset_reset="earliest"
             )

@@ -110,6 +110,7 @@ class InterestProcessor:
         catalog: dict[str, tuple[int, ...]],
         partitions: dict[str, int] | None = None,
         metrics: Metrics | None = None,
+        step_in_thread: bool = True,
     ) -> None:
         meta = session.meta
         self.session = session
@@ -129,7 +130,8 @@ class InterestProcessor:
         # states of batches prepared but not yet written: the next batch builds on them (see written())
         self.inflight: dict[str, UserState] = {}
         self.sequence = SequenceSession(session, settings.ort_threads or None)
-        self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step")
+        # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
+        self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step") if step_in_thread else None
 
     def key_hash(self, key: bytes) -> int:
         """murmur2(key) & 0x7fffffff, memoised (aiokafka's murmur2 is pure Python: ~5 us a call)."""
@@ -156,8 +158,9 @@ class InterestProcessor:
         """Step every user through its events of the batch; H and C (one row per user) in place, P (per event) filled.
 
         Row i is user slots[i]'s event number rounds[i]. Users are grouped by their event count (1, 2-4, 5-16, 17-64,
-        ...); each group is one call of the sequence graph over a (users, T) block padded to the group's longest,
-        so padding at most quadruples a group's work while a user with 100 events costs one call, not 100.
+        ...): those with one event take one step-graph call together; each other group is one call of the sequence
+        graph over a (users, T) block padded to the group's longest, so padding at most quadruples a group's work
+        while a user with 100 events costs one call, not 100.
         """
         n_users = H.shape[0]
         counts = np.bincount(slots, minlength=n_users)
@@ -168,6 +171,11 @@ class InterestProcessor:
         run = self.sequence.session.run
         for g in np.unique(group[counts > 0]):
             users = np.flatnonzero((group == g) & (counts > 0))
+            if g == 0:  # one event each: the step graph itself, cheaper than a one-step Scan
+                sel = np.flatnonzero(counts[slots] == 1)
+                s = slots[sel]
+                P[sel], H[s], C[s] = self.session.session.run(None, {"features": feats[sel], "h": H[s], "c": C[s]})
+                continue
             pos.fill(-1)
             pos[users] = np.arange(len(users))
             sel = np.flatnonzero(pos[slots] >= 0)  # this group's events, in batch order
@@ -271,9 +279,11 @@ class InterestProcessor:
         rounds = np.asarray(row_round)
         slots = np.asarray(row_slot)
         t0 = time.perf_counter()
-        # in the step thread: ORT releases the GIL, so Faust keeps collecting the next batch meanwhile
-        step = self._step_users
-        await asyncio.get_running_loop().run_in_executor(self._step_thread, step, feats, H, C, P, rounds, slots)
+        if self._step_thread is None:
+            self._step_users(feats, H, C, P, rounds, slots)
+        else:
+            step = self._step_users
+            await asyncio.get_running_loop().run_in_executor(self._step_thread, step, feats, H, C, P, rounds, slots)
         plan.ort_seconds = time.perf_counter() - t0
         if self.metrics:
             self.metrics.ort_step_seconds.observe(plan.ort_seconds)

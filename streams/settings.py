@@ -53,9 +53,9 @@ class Settings(BaseSettings):
     partitions: int = Field(8, ge=1, le=1024)
     """Partitions of the topics the worker creates (input, re-key, output, DLQ)."""
     max_batch: int = Field(2000, ge=1, le=100_000)
-    """Largest batch of events stepped together (``stream.take(max_batch, ...)``)."""
+    """Largest batch of events stepped together; also how many events may wait for the step stage."""
     max_latency_ms: float = Field(10.0, gt=0, le=60_000)
-    """Longest a partial batch waits before it is processed (``within=``)."""
+    """Longest the step stage, when idle, waits for a partial batch to fill (a busy one takes what has arrived)."""
     session_timeout_s: float = Field(10.0, gt=0)
     """Consumer group session timeout; a dead worker's partitions move after about this long."""
     commit_interval_s: float = Field(1.0, gt=0)
