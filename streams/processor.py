@@ -99,6 +99,45 @@ def default_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+# Cost model of one ORT call over a (users, T) block, measured with artifacts of `python -m export.sequence` on the
+# 2-core development machine (one intra-op thread): ~30 us per time step plus ~2.8 us per user-step, plus a fixed
+# cost per call (Python, the thread's GIL hand-back while the event loop is busy).
+STEP_S, USER_STEP_S, CALL_S = 30e-6, 2.8e-6, 1e-3
+
+
+def step_groups(counts: np.ndarray) -> list[np.ndarray]:
+    """Split the users (``counts[u]`` events each in the batch, 0 = absent) into groups stepped by one call each.
+
+    A call costs T * (STEP_S + USER_STEP_S * users) + CALL_S, T being its longest user's count: padding short users
+    is cheap while a call's fixed costs are not, so users are bucketed by count (1, 2, 3-4, 5-8, ...) and adjacent
+    buckets are merged wherever one call is cheaper than two (an exact split over the buckets, by dynamic
+    programming). ML-100K batches (a few users with bursts of dozens of events) end up in one or two calls.
+    """
+    present = np.flatnonzero(counts > 0)
+    if not len(present):
+        return []
+    bucket = np.ceil(np.log2(counts[present])).astype(np.int64)
+    keys = np.unique(bucket)[::-1]  # longest first
+    members = [present[bucket == k] for k in keys]
+    t = [int(counts[m].max()) for m in members]
+    n = [len(m) for m in members]
+    # best[i]: cheapest cost of the first i buckets; cut[i]: where its last group starts
+    best, cut = [0.0] + [np.inf] * len(keys), [0] * (len(keys) + 1)
+    for i in range(1, len(keys) + 1):
+        users = 0
+        for j in range(i - 1, -1, -1):  # last group = buckets j..i-1, padded to t[j] (the longest)
+            users += n[j]
+            cost = best[j] + t[j] * (STEP_S + USER_STEP_S * users) + CALL_S
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    groups, i = [], len(keys)
+    while i > 0:
+        j = cut[i]
+        groups.append(np.concatenate(members[j:i]))
+        i = j
+    return groups[::-1]
+
+
 class InterestProcessor:
     """Validates, de-duplicates and steps one batch of click messages (see the module docstring)."""
 
@@ -157,30 +196,23 @@ class InterestProcessor:
     ) -> None:
         """Step every user through its events of the batch; H and C (one row per user) in place, P (per event) filled.
 
-        Row i is user slots[i]'s event number rounds[i]. Users are grouped by their event count (1, 2-4, 5-16, 17-64,
-        ...): those with one event take one step-graph call together; each other group is one call of the sequence
-        graph over a (users, T) block padded to the group's longest, so padding at most quadruples a group's work
-        while a user with 100 events costs one call, not 100.
+        Row i is user slots[i]'s event number rounds[i]. The users are split into a few groups (:func:`step_groups`);
+        a group is one call of the sequence graph over a (users, T) block padded to its longest user, or, when all
+        its users have one event, one call of the step graph itself.
         """
-        n_users = H.shape[0]
-        counts = np.bincount(slots, minlength=n_users)
-        group = np.zeros(n_users, dtype=np.int64)
-        many = counts > 1
-        group[many] = np.ceil(np.log(counts[many]) / np.log(4.0) - 1e-9).astype(np.int64)
-        pos = np.empty(n_users, dtype=np.int64)
+        counts = np.bincount(slots, minlength=H.shape[0])
+        pos = np.empty(H.shape[0], dtype=np.int64)
         run = self.sequence.session.run
-        for g in np.unique(group[counts > 0]):
-            users = np.flatnonzero((group == g) & (counts > 0))
-            if g == 0:  # one event each: the step graph itself, cheaper than a one-step Scan
-                sel = np.flatnonzero(counts[slots] == 1)
-                s = slots[sel]
-                P[sel], H[s], C[s] = self.session.session.run(None, {"features": feats[sel], "h": H[s], "c": C[s]})
-                continue
+        for users in step_groups(counts):
+            t_max = int(counts[users].max())
             pos.fill(-1)
             pos[users] = np.arange(len(users))
             sel = np.flatnonzero(pos[slots] >= 0)  # this group's events, in batch order
+            if t_max == 1:
+                s = slots[sel]
+                P[sel], H[s], C[s] = self.session.session.run(None, {"features": feats[sel], "h": H[s], "c": C[s]})
+                continue
             gi, ti = pos[slots[sel]], rounds[sel]
-            t_max = int(counts[users].max())
             x = np.zeros((len(users), t_max, feats.shape[1]), dtype=np.float32)
             x[gi, ti] = feats[sel]
             mask = np.zeros((len(users), t_max, 1), dtype=bool)

@@ -141,3 +141,20 @@ def test_optional_ttl(settings_for, trained_model, rclient) -> None:
     proc = InterestProcessor(session, store, settings, session.load_catalog(), {settings.input_topic: 4})
     asyncio.run(_run(proc, _msgs(settings, [{"user_id": "ttl", "category": "Drama", "ts": 5}])))
     assert 0 < rclient.ttl(settings.redis_prefix + "ttl") <= 600
+
+
+def test_step_groups_cover_every_user_once_and_merge_cheap_padding() -> None:
+    from streams.processor import step_groups
+
+    rng = np.random.default_rng(0)
+    for counts in ([1, 1, 1], [250, 3, 60, 1, 1, 2, 5, 0], [0, 0, 4], list(rng.integers(0, 300, 500))):
+        counts = np.asarray(counts)
+        groups = step_groups(counts)
+        got = np.sort(np.concatenate(groups)) if groups else np.array([], dtype=np.int64)
+        assert got.tolist() == np.flatnonzero(counts > 0).tolist()  # every present user exactly once
+    assert step_groups(np.zeros(3, dtype=np.int64)) == []
+    # a burst and a few short users: one padded call is cheaper than several
+    assert len(step_groups(np.array([120, 2, 3, 1]))) == 1
+    # one long user and many one-event users: padding all of them to 250 steps would cost far more than a second call
+    groups = step_groups(np.array([250] + [1] * 400))
+    assert len(groups) == 2 and groups[0].tolist() == [0]
