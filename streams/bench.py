@@ -8,11 +8,13 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
 ``artifacts/models/bench-fast``). Figures (events/s unless said otherwise):
 
 1. ceilings: (a) ``faust_noop_eps``: a Faust agent in its own process (``python -m streams.bench noop-worker``) that
-   takes batches of 2000 with ``take_events`` (the worker's call) from the pre-filled JSON topic and discards them;
-   (b) ``aiokafka_raw_eps``: a bare aiokafka consumer (``getmany``, no group) on the same topic; (c) ``ort_step_eps``:
-   ``StepSession.step`` alone (1 intra-op thread, as the worker) over the round sizes the worker sees when it takes
-   2000 ML-100K events at a time; (d) ``redis_pipeline_eps``: ``StateStore.write`` (CAS script, one pipeline) of
-   worker-shaped user records, 2000 per pipeline (writes/s: the worker writes at most one per user per batch).
+   takes batches of 2000 with ``take_events`` from the pre-filled JSON topic and discards them (the issue's
+   ceiling; the worker collects its batches itself, see ``streams.app.BatchPipeline``); (b) ``aiokafka_raw_eps``: a
+   bare aiokafka consumer (``getmany``, no group) on the same topic; (c) ``ort_step_eps``: the worker's stepping alone
+   (``BatchStepper``: grouped sequence-graph calls, 1 intra-op thread) on ML-100K batches of 2000 events, beside the
+   round-by-round stepping it replaced (``round_by_round_eps``); (d) ``redis_pipeline_eps``: ``StateStore.write``
+   (CAS script, one pipeline) of worker-shaped user records, 2000 per pipeline (writes/s: the worker writes at most
+   one per user per batch).
 2. the product: ``interest-stream worker`` processes over ML-100K replayed ``loops`` times with user ids distinct per
    loop, pre-filled, measured from the first to the last applied event by polling the workers'
    ``interest_events_applied_total``; one worker, then two (each run: fresh consumer group, output topics, Redis db
@@ -321,38 +323,64 @@ class Bench:
 
     # ---- 1c: ORT step alone -----------------------------------------------------------------------------------------
     def ort_step(self, events: list[dict], seconds: float) -> dict:
+        """The worker's stepping alone (step_groups + sequence graph) on ML-100K's batches of MAX_BATCH events, and
+        the round-by-round stepping it replaced (one step call per round), in the same run."""
         import numpy as np
 
         from export.runtime import StepSession, bench
+        from streams.processor import BatchStepper, step_groups
 
         session = StepSession(self.model, device="cpu", intra_op_threads=1)
-        chunks = []
-        for s in range(0, len(events) - MAX_BATCH + 1, MAX_BATCH):
-            counts = np.array(sorted(Counter(e["user_id"] for e in events[s : s + MAX_BATCH]).values(), reverse=True))
-            chunks.append((len(counts), [int(np.count_nonzero(counts > r)) for r in range(int(counts[0]))]))
+        stepper = BatchStepper(session, intra_op_threads=1)
         rng = np.random.default_rng(0)
-        hidden, nf = session.hidden_size, session.n_features
-        x = rng.random((MAX_BATCH, nf), dtype=np.float32)
-        done, elapsed, steps = 0, 0.0, 0
-        while elapsed < seconds:
-            for users, sizes in chunks:
-                H, C = session.initial_state(users)
-                t0 = time.perf_counter()
-                for size in sizes:  # the worker's rounds: users with more than r events in the batch
-                    s = np.arange(size)
-                    _p, h, c = session.step(x[:size], H[s], C[s])
-                    H[s] = h
-                    C[s] = c
-                elapsed += time.perf_counter() - t0
-                done += sum(sizes)
-                steps += len(sizes)
+        x = rng.random((MAX_BATCH, session.n_features), dtype=np.float32)
+        chunks = []  # (n users, slot of each event, its round), per batch of MAX_BATCH events
+        for s in range(0, len(events) - MAX_BATCH + 1, MAX_BATCH):
+            users = [str(e["user_id"]) for e in events[s : s + MAX_BATCH]]
+            slot_of = {u: i for i, u in enumerate(dict.fromkeys(users))}
+            seen: Counter = Counter()
+            rounds = []
+            for u in users:
+                rounds.append(seen[u])
+                seen[u] += 1
+            chunks.append((len(slot_of), np.array([slot_of[u] for u in users]), np.array(rounds)))
+
+        def timed(step_batch) -> tuple[float, float]:
+            """-> events/s, ORT calls per batch."""
+            done, elapsed, calls, batches = 0, 0.0, 0, 0
+            while elapsed < seconds:
+                for n_users, slots, rounds in chunks:
+                    H, C = session.initial_state(n_users)
+                    P = np.empty((len(slots), len(session.meta.categories)), dtype=np.float32)
+                    t0 = time.perf_counter()
+                    calls += step_batch(H, C, P, rounds, slots)
+                    elapsed += time.perf_counter() - t0
+                    done += len(slots)
+                    batches += 1
+            return done / elapsed, calls / batches
+
+        def grouped(H, C, P, rounds, slots) -> int:
+            stepper(x[: len(slots)], H, C, P, rounds, slots)
+            return len(step_groups(np.bincount(slots, minlength=H.shape[0])))
+
+        def by_round(H, C, P, rounds, slots) -> int:
+            run = session.session.run
+            for r in range(int(rounds.max()) + 1):
+                idx = np.flatnonzero(rounds == r)
+                s = slots[idx]
+                P[idx], H[s], C[s] = run(None, {"features": x[idx], "h": H[s], "c": C[s]})
+            return int(rounds.max()) + 1
+
+        eps, calls = timed(grouped)
+        rounds_eps, rounds_calls = timed(by_round)
         by_batch = {str(b): round(v) for b, v in bench(session, [1, 64, 256, 1024, MAX_BATCH], 0.2).items()}
         return {
-            "eps": done / elapsed,
-            "rounds_per_batch": steps / max(1, done / MAX_BATCH),
-            "mean_round": done / max(steps, 1),
+            "eps": eps,
+            "calls_per_batch": calls,
+            "round_by_round_eps": rounds_eps,
+            "rounds_per_batch": rounds_calls,
             "by_batch_eps": by_batch,
-            "hidden": hidden,
+            "hidden": session.hidden_size,
         }
 
     # ---- 1d: Redis pipelined writes ---------------------------------------------------------------------------------
@@ -753,7 +781,12 @@ def write_markdown(path: Path, res: dict) -> None:
     rows = [
         ("Faust no-op agent, take_events(2000)", f"{res['faust_noop_eps']:,}", f"{d['noop']['events']:,} events"),
         ("aiokafka raw consumer (getmany)", f"{res['aiokafka_raw_eps']:,}", f"{d['raw']['events']:,} events"),
-        ("ORT step alone, worker round sizes", f"{res['ort_step_eps']:,}", f"mean round {d['ort']['mean_round']:.0f}"),
+        (
+            "ORT step alone, the worker's grouped calls",
+            f"{res['ort_step_eps']:,}",
+            f"{d['ort']['calls_per_batch']:.1f} calls per {MAX_BATCH}-event batch; round by round "
+            f"{d['ort']['round_by_round_eps']:,.0f} ({d['ort']['rounds_per_batch']:.0f} calls)",
+        ),
         ("Redis CAS pipeline, 2000 users/pipeline", f"{res['redis_pipeline_eps']:,}", "writes/s"),
         ("**product, 1 worker**", f"**{res['product_eps_1w']:,}**", f"{d['p1']['events']:,} events"),
         ("product, 2 workers", f"{res['product_eps_2w']:,}", f"{d['p2']['events']:,} events"),

@@ -138,6 +138,45 @@ def step_groups(counts: np.ndarray) -> list[np.ndarray]:
     return groups[::-1]
 
 
+class BatchStepper:
+    """Steps every user of a batch through its events of the batch: :func:`step_groups`, then one ORT call a group."""
+
+    def __init__(self, session: StepSession, intra_op_threads: int | None = None) -> None:
+        self.session = session
+        self.sequence = SequenceSession(session, intra_op_threads)
+
+    def __call__(
+        self, feats: np.ndarray, H: np.ndarray, C: np.ndarray, P: np.ndarray, rounds: np.ndarray, slots: np.ndarray
+    ) -> None:
+        """Step every user through its events of the batch; H and C (one row per user) in place, P (per event) filled.
+
+        Row i is user slots[i]'s event number rounds[i]. The users are split into a few groups (:func:`step_groups`);
+        a group is one call of the sequence graph over a (users, T) block padded to its longest user, or, when all
+        its users have one event, one call of the step graph itself.
+        """
+        counts = np.bincount(slots, minlength=H.shape[0])
+        pos = np.empty(H.shape[0], dtype=np.int64)
+        run = self.sequence.session.run
+        for users in step_groups(counts):
+            t_max = int(counts[users].max())
+            pos.fill(-1)
+            pos[users] = np.arange(len(users))
+            sel = np.flatnonzero(pos[slots] >= 0)  # this group's events, in batch order
+            if t_max == 1:
+                s = slots[sel]
+                P[sel], H[s], C[s] = self.session.session.run(None, {"features": feats[sel], "h": H[s], "c": C[s]})
+                continue
+            gi, ti = pos[slots[sel]], rounds[sel]
+            x = np.zeros((len(users), t_max, feats.shape[1]), dtype=np.float32)
+            x[gi, ti] = feats[sel]
+            mask = np.zeros((len(users), t_max, 1), dtype=bool)
+            mask[gi, ti] = True
+            p, h, c = run(None, {"seq_features": x, "seq_mask": mask, "h0": H[users], "c0": C[users]})
+            H[users] = h
+            C[users] = c
+            P[sel] = p[gi, ti]
+
+
 class InterestProcessor:
     """Validates, de-duplicates and steps one batch of click messages (see the module docstring)."""
 
@@ -168,7 +207,7 @@ class InterestProcessor:
         self._hash: dict[bytes, int] = {}
         # states of batches prepared but not yet written: the next batch builds on them (see written())
         self.inflight: dict[str, UserState] = {}
-        self.sequence = SequenceSession(session, settings.ort_threads or None)
+        self.stepper = BatchStepper(session, settings.ort_threads or None)
         # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
         self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step") if step_in_thread else None
 
@@ -190,37 +229,6 @@ class InterestProcessor:
         """True when a correctly keyed message sits on another partition than its key hashes to."""
         home = self.partition_for(msg.topic, key)
         return home is not None and home != msg.partition
-
-    def _step_users(
-        self, feats: np.ndarray, H: np.ndarray, C: np.ndarray, P: np.ndarray, rounds: np.ndarray, slots: np.ndarray
-    ) -> None:
-        """Step every user through its events of the batch; H and C (one row per user) in place, P (per event) filled.
-
-        Row i is user slots[i]'s event number rounds[i]. The users are split into a few groups (:func:`step_groups`);
-        a group is one call of the sequence graph over a (users, T) block padded to its longest user, or, when all
-        its users have one event, one call of the step graph itself.
-        """
-        counts = np.bincount(slots, minlength=H.shape[0])
-        pos = np.empty(H.shape[0], dtype=np.int64)
-        run = self.sequence.session.run
-        for users in step_groups(counts):
-            t_max = int(counts[users].max())
-            pos.fill(-1)
-            pos[users] = np.arange(len(users))
-            sel = np.flatnonzero(pos[slots] >= 0)  # this group's events, in batch order
-            if t_max == 1:
-                s = slots[sel]
-                P[sel], H[s], C[s] = self.session.session.run(None, {"features": feats[sel], "h": H[s], "c": C[s]})
-                continue
-            gi, ti = pos[slots[sel]], rounds[sel]
-            x = np.zeros((len(users), t_max, feats.shape[1]), dtype=np.float32)
-            x[gi, ti] = feats[sel]
-            mask = np.zeros((len(users), t_max, 1), dtype=bool)
-            mask[gi, ti] = True
-            p, h, c = run(None, {"seq_features": x, "seq_mask": mask, "h0": H[users], "c0": C[users]})
-            H[users] = h
-            C[users] = c
-            P[sel] = p[gi, ti]
 
     async def write(self, plan: BatchPlan) -> int:
         """Write the plan's states to Redis (one pipeline); returns the number of stale writes (see StateStore.write).
@@ -312,9 +320,9 @@ class InterestProcessor:
         slots = np.asarray(row_slot)
         t0 = time.perf_counter()
         if self._step_thread is None:
-            self._step_users(feats, H, C, P, rounds, slots)
+            self.stepper(feats, H, C, P, rounds, slots)
         else:
-            step = self._step_users
+            step = self.stepper
             await asyncio.get_running_loop().run_in_executor(self._step_thread, step, feats, H, C, P, rounds, slots)
         plan.ort_seconds = time.perf_counter() - t0
         if self.metrics:
