@@ -47,6 +47,11 @@ def _session_options(intra_op_threads: int | None, cpu: bool) -> ort.SessionOpti
     return so
 
 
+def gpu_device_present() -> bool:
+    """An NVIDIA GPU is visible to this process (/dev/nvidia0..., or WSL2's /dev/dxg)."""
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/dxg").exists()
+
+
 class StepSession:
     """A batched, stateless step: step(features, h, c) -> (probs, h_next, c_next)."""
 
@@ -56,7 +61,9 @@ class StepSession:
         self.path = Path(model_path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model file not found")
-        want_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
+        # auto tries CUDA only where an NVIDIA device is there: elsewhere the attempt prints a wall of loader errors
+        auto_cuda = device == "auto" and CUDA in ort.get_available_providers() and gpu_device_present()
+        want_cuda = device == "cuda" or auto_cuda
         providers: list = [CPU]
         if want_cuda:
             # fp32 exactly: TF32 matmuls (ORT's CUDA default) drift ~2e-4 from the CPU results

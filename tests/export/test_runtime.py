@@ -146,3 +146,15 @@ def test_gpu_check_without_gpu(trained_model: Path, tmp_path: Path):
     assert gpu_check.main(["--model", str(trained_model), "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["status"] == "skipped" and "CUDA" in rep["reason"]
+
+
+def test_auto_without_a_gpu_device_is_quiet(trained_model: Path, capfd: pytest.CaptureFixture[str], monkeypatch):
+    from export import runtime
+
+    # onnxruntime-gpu lists CUDA everywhere; without an NVIDIA device, auto must not even try it (the attempt prints
+    # CUDA loader errors to stderr on every worker start)
+    monkeypatch.setattr(runtime, "gpu_device_present", lambda: False)
+    s = StepSession(trained_model, device="auto")
+    assert s.provider == CPU
+    err = capfd.readouterr().err
+    assert "Failed to load" not in err and "onnxruntime" not in err, err[:500]
