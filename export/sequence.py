@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from export.runtime import INPUTS, OUTPUTS, StepSession, _session_options
+from export.runtime import CUDA, INPUTS, OUTPUTS, StepSession, _session_options
 
 
 def sequence_model(step: onnx.ModelProto) -> onnx.ModelProto:
@@ -102,11 +102,9 @@ class SequenceSession:
 
     def __init__(self, step: StepSession, intra_op_threads: int | None = None) -> None:
         model = sequence_model(onnx.load(str(step.path)))
-        cpu = step.provider != "CUDAExecutionProvider"
+        so = _session_options(intra_op_threads, cpu=step.provider != CUDA)
         providers = step.session.get_providers()
-        so = _session_options(intra_op_threads, cpu=cpu)
         self.session = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
-        self.step = step
 
     def run(
         self, features: np.ndarray, mask: np.ndarray, h: np.ndarray, c: np.ndarray

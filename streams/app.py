@@ -121,7 +121,7 @@ async def publish(plan: BatchPlan) -> None:
     metrics.rekeyed.inc(len(plan.rekey))
 
 
-async def write_batch(plan: BatchPlan, messages: list) -> None:
+async def write_batch(plan: BatchPlan, events: list) -> None:
     """The second half of a batch: publish, write Redis, count. Returns only when all of it is done."""
     assert processor is not None
     await publish(plan)
@@ -140,7 +140,7 @@ async def write_batch(plan: BatchPlan, messages: list) -> None:
     if plan.dead or plan.duplicates or plan.rekey:
         log.info(
             "batch: %d in, %d applied, %d duplicates, %d dead-lettered, %d re-keyed",
-            len(messages),
+            len(events),
             plan.applied,
             plan.duplicates,
             len(plan.dead),
@@ -159,7 +159,7 @@ class BatchPipeline:
     """Faust's events -> batches -> two stages, one batch in each: step (prepare), then write (publish, Redis, ack).
 
     Batches form naturally: the step stage takes every event that arrived while it was busy (up to ``max_batch``), so
-    a batch is one event when the worker keeps up and grows under a backlog, with no timer to wait on. While batch n
+    batches grow under a backlog; only when it is idle does it wait, up to ``linger``, for a fuller batch. While batch n
     is published and written, batch n+1 is stepped (building on n's states, see ``InterestProcessor.inflight``) and
     Faust keeps collecting. Each stage takes its batches in order, and events are acked only once their batch is in
     Redis, so committed offsets never pass an event that was not applied. A failure in either stage abandons the

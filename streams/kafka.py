@@ -116,7 +116,6 @@ class RecordBatches:
 
     def __init__(self, producer: Any) -> None:  # an aiokafka.AIOKafkaProducer, started
         self.producer = producer
-        self.count = 0
         self._open: dict[tuple[str, int], Any] = {}  # (topic, partition) -> BatchBuilder being filled
         self._full: dict[tuple[str, int], list[Any]] = {}  # builders that filled up, in order
 
@@ -131,9 +130,8 @@ class RecordBatches:
             self._full.setdefault(tp, []).append(builder)  # full: start another (a first record always fits)
             builder = self._open[tp] = self.producer.create_batch()
             builder.append(key=key, value=value, timestamp=None, headers=list(headers))
-        self.count += 1
 
-    async def flush(self) -> int:
+    async def flush(self) -> None:
         """Send every builder (one partition's in order, partitions concurrently) and await delivery of all."""
         send_batch = self.producer.send_batch
 
@@ -144,7 +142,5 @@ class RecordBatches:
         futures = [f for per_tp in sent for f in per_tp]
         if futures:
             await asyncio.gather(*futures)
-        n, self.count = self.count, 0
         self._open.clear()
         self._full.clear()
-        return n

@@ -8,8 +8,8 @@ One call to :meth:`InterestProcessor.prepare` takes a batch of Kafka messages an
    else one Redis pipeline; none -> cold start from the model's learned initial state);
 3. drops duplicates: an input position at or below the user's last applied one (redelivery), or a fingerprint among
    the user's recent events (a producer re-send);
-4. steps all users together, in rounds: round r holds every user's r-th event of the batch, so each user's events
-   are applied in order while the ONNX session sees one batched call per round (in a thread: ORT releases the GIL);
+4. steps all users together (:class:`BatchStepper`, in a thread: ORT releases the GIL): each user's events of the
+   batch in order, the users split into a few ORT calls of the Scan sequence graph (:func:`step_groups`);
 5. builds one output record per applied event and one Redis write per user (its newest state only).
 
 Nothing is written by ``prepare``: :mod:`streams.app` publishes the plan, then calls :meth:`InterestProcessor.write`,
@@ -147,17 +147,18 @@ class BatchStepper:
 
     def __call__(
         self, feats: np.ndarray, H: np.ndarray, C: np.ndarray, P: np.ndarray, rounds: np.ndarray, slots: np.ndarray
-    ) -> None:
+    ) -> int:
         """Step every user through its events of the batch; H and C (one row per user) in place, P (per event) filled.
 
         Row i is user slots[i]'s event number rounds[i]. The users are split into a few groups (:func:`step_groups`);
         a group is one call of the sequence graph over a (users, T) block padded to its longest user, or, when all
-        its users have one event, one call of the step graph itself.
+        its users have one event, one call of the step graph itself. Returns the number of calls.
         """
         counts = np.bincount(slots, minlength=H.shape[0])
         pos = np.empty(H.shape[0], dtype=np.int64)
         run = self.sequence.session.run
-        for users in step_groups(counts):
+        groups = step_groups(counts)
+        for users in groups:
             t_max = int(counts[users].max())
             pos.fill(-1)
             pos[users] = np.arange(len(users))
@@ -175,6 +176,7 @@ class BatchStepper:
             H[users] = h
             C[users] = c
             P[sel] = p[gi, ti]
+        return len(groups)
 
 
 class InterestProcessor:
@@ -205,7 +207,7 @@ class InterestProcessor:
         self.c0 = np.asarray(meta.c0, dtype=np.float32)
         self.decoder = decoder_for(session, settings, catalog)
         self._hash: dict[bytes, int] = {}
-        # states of batches prepared but not yet written: the next batch builds on them (see written())
+        # states of batches prepared but not yet written: the next batch builds on them (see write())
         self.inflight: dict[str, UserState] = {}
         self.stepper = BatchStepper(session, settings.ort_threads or None)
         # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
