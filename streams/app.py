@@ -1,7 +1,8 @@
 """The Faust app: app, topics, the agent that updates interests, the rebalance hook. Reads top to bottom.
 
-Started by ``interest-stream worker`` (:mod:`streams.worker`), which loads the model, connects Redis and creates
-the topics before it hands the ready ``InterestProcessor`` to :func:`bind` and runs the app.
+Started by ``interest-stream worker`` (:mod:`streams.worker`), which checks Redis, creates the topics and starts the
+batch step (a :class:`~streams.stepper.StepperProcess` child, or an ``InterestProcessor`` in this process) before it
+hands it to :func:`bind` and runs the app.
 
 Per batch (events collected from ``stream.noack()`` while the previous batch was stepped, at most max_batch):
     prepare (decode, dedup, step)  ->  publish output records, dead letters, re-keys (all sends in flight at once,
@@ -16,14 +17,14 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 
 import faust
 
-from streams.kafka import RecordBatches, cap_fetch_wait
+from streams.kafka import cap_fetch_wait
 from streams.metrics import Metrics
 from streams.processor import BatchPlan, InterestProcessor
 from streams.settings import Settings, get_settings
+from streams.stepper import StepperProcess
 
 log = logging.getLogger("streams.app")
 
@@ -87,65 +88,14 @@ app = faust.App(
 # Input: the clicks topic and the re-key topic, consumed by the same agent, hence co-partitioned by Faust's assignor.
 clicks_topic = app.topic(settings.input_topic, settings.rekey_topic, key_serializer="raw", value_serializer="raw")
 
-processor: InterestProcessor | None = None
+processor: StepperProcess | InterestProcessor | None = None
 metrics: Metrics = Metrics()
 
 
-def bind(ready: InterestProcessor, worker_metrics: Metrics) -> None:
-    """Hand the app its processor (model session + state store) before it starts."""
+def bind(ready: StepperProcess | InterestProcessor, worker_metrics: Metrics) -> None:
+    """Hand the app its batch step (model session + state store, here or in the step process) before it starts."""
     global processor, metrics
     processor, metrics = ready, worker_metrics
-
-
-async def publish(plan: BatchPlan) -> None:
-    """Send the batch's output records, dead letters and re-keys, all in flight at once; wait for delivery."""
-    assert processor is not None
-    # straight into aiokafka's record batches under Faust's producer: send() would cost ~25 us a record
-    batches = RecordBatches(app.producer._ensure_producer())
-    add, partition_for = batches.add, processor.partition_for  # the default partitioner's choice, memoised
-    out_topic, dlq_topic, rekey_topic = settings.output_topic, settings.dlq_topic, settings.rekey_topic
-    for key, value in plan.outputs:
-        add(out_topic, partition_for(out_topic, key), key, value)
-    for msg, reason, detail in plan.dead:
-        headers = [
-            ("dlq.reason", reason.encode()),
-            ("dlq.detail", detail.encode("utf-8", "replace")),
-            ("dlq.source", f"{msg.topic}:{msg.partition}:{msg.offset}".encode()),
-        ]
-        # a message without a key is spread by its source offset
-        add(dlq_topic, partition_for(dlq_topic, msg.key or b"%d" % msg.offset), msg.key, msg.value or b"", headers)
-        metrics.dead_letters.labels(reason).inc()
-    for key, msg in plan.rekey:
-        add(rekey_topic, partition_for(rekey_topic, key), key, msg.value)
-    await batches.flush()
-    metrics.rekeyed.inc(len(plan.rekey))
-
-
-async def write_batch(plan: BatchPlan, events: list) -> None:
-    """The second half of a batch: publish, write Redis, count. Returns only when all of it is done."""
-    assert processor is not None
-    await publish(plan)
-    await processor.write(plan)
-    done = time.time()
-    metrics.applied.inc(plan.applied)
-    metrics.duplicates.inc(plan.duplicates)
-    metrics.users_cached.set(len(processor.store.cache))
-    # latency histograms: up to ~64 evenly spaced events per batch (an observation per event costs ~1 us each)
-    lat_p, lat_e = metrics.latency_produce.observe, metrics.latency_event.observe
-    every = max(1, len(plan.produce_ts) // 64)
-    for t in plan.produce_ts[::every]:
-        lat_p(done - t)
-    for t in plan.event_ts[::every]:
-        lat_e(max(0.0, done - t))
-    if plan.dead or plan.duplicates or plan.rekey:
-        log.info(
-            "batch: %d in, %d applied, %d duplicates, %d dead-lettered, %d re-keyed",
-            len(events),
-            plan.applied,
-            plan.duplicates,
-            len(plan.dead),
-            len(plan.rekey),
-        )
 
 
 def abandon(reason: str) -> None:
@@ -231,7 +181,7 @@ class BatchPipeline:
         while True:
             events, plan = await self.to_write.get()
             try:
-                await write_batch(plan, events)
+                await processor.finish(plan, app.producer._ensure_producer())
                 for event in events:
                     await ack(event)
             except Exception as exc:  # an unrecoverable broker or Redis error: never ack what was not applied
@@ -271,5 +221,5 @@ async def update_interests(stream: faust.StreamT) -> None:
 async def drop_cached_states(sender: faust.App, revoked: set, **kwargs: object) -> None:
     """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""
     if processor is not None and revoked:
-        processor.store.drop_cache()
+        processor.drop_cache()
         log.info("partitions revoked (%d): state cache dropped", len(revoked))

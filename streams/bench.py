@@ -28,8 +28,8 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    record's Kafka timestamp (set when the worker hands it to its producer) minus the time the bench sent the input.
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
    1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
-   costs a Redis read, a cold start and a new key); worker RSS (psutil, max during the run) and Redis bytes per user
-   (``INFO memory`` used_memory delta / ``DBSIZE`` of the run's db).
+   costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
+   and Redis bytes per user (``INFO memory`` used_memory delta / ``DBSIZE`` of the run's db).
 
 With profiling on (default in the full run), an extra one-worker product run is sampled with ``py-spy record``
 (raw, ``DIR/profile-1w.txt``) and the top functions land in ``bench.json["profile"]``.
@@ -446,8 +446,8 @@ class Bench:
                 applied = sum(metric_total(w.samples(), "interest_events_applied_total") for w in procs)
                 now = time.perf_counter()
                 for i, p in enumerate(ps):
-                    with contextlib.suppress(psutil.Error):
-                        rss[i] = max(rss[i], p.memory_info().rss)
+                    with contextlib.suppress(psutil.Error):  # the worker and its step process
+                        rss[i] = max(rss[i], sum(q.memory_info().rss for q in (p, *p.children())))
                 if applied > 0 and t_first is None:
                     t_first, a_first = now, applied
                 if applied >= n:
@@ -810,7 +810,8 @@ def write_markdown(path: Path, res: dict) -> None:
         f"p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms (interpolated in the worker's histogram "
         f"buckets); produce -> output record p50 {lo['p50']} ms, p95 {lo['p95']} ms, p99 {lo['p99']} ms (exact).",
         "",
-        f"Memory at the 1M-id run: worker RSS {res['rss_mb']} MB, Redis {res['redis_bytes_per_user']:,} B/user "
+        f"Memory at the 1M-id run: worker RSS (with its step process) {res['rss_mb']} MB, "
+        f"Redis {res['redis_bytes_per_user']:,} B/user "
         f"(~{res['redis_bytes_per_user'] * 1e6 / 2**30:.1f} GiB for 1M users).",
         "",
         "## Targets",

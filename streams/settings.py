@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     """ONNX Runtime device: ``auto`` uses CUDA when a GPU really is there."""
     ort_threads: int = Field(1, ge=0)
     """ONNX Runtime intra-op threads (0 = ORT's default)."""
+    step_process: bool = True
+    """Step batches (decode, ONNX Runtime, output records, Redis) in a child process, beside Faust's interpreter."""
 
     # --- Behaviour ---------------------------------------------------------------------------------------------
     top_n: int = Field(5, ge=1, le=100)

@@ -100,21 +100,10 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("streams.worker")
     log.info("settings: %s", orjson.dumps(settings.redacted()).decode())
 
-    from export.runtime import StepSession
-
     if not settings.model_path.exists():
         raise ModelError(
             f"model file {settings.model_path} not found (train and export one: see README, or set INTEREST_MODEL_PATH)"
         )
-    session = StepSession(settings.model_path, device=settings.device, intra_op_threads=settings.ort_threads or None)
-    catalog = session.load_catalog(settings.catalog_path)
-    log.info(
-        "model %s: %d categories, %d items in catalog, provider %s",
-        session.meta.version,
-        len(session.meta.categories),
-        len(catalog),
-        session.provider,
-    )
     check_redis(settings)
 
     from streams.kafka import ensure_topics
@@ -124,19 +113,30 @@ def run(args: argparse.Namespace) -> int:
     # import the app only now: it reads the same settings at import time
     from streams import app as faust_app
     from streams.metrics import Metrics
-    from streams.processor import InterestProcessor
-    from streams.state import StateStore
 
     metrics = Metrics()
-    store = StateStore(settings, session.meta.version, session.meta.hidden_size, metrics)
-    processor = InterestProcessor(session, store, settings, catalog, partitions, metrics)
+    if settings.step_process:
+        from streams.stepper import StepperProcess
+
+        processor = StepperProcess(settings, partitions, metrics)  # the child loads the model and reaches Redis
+        info = processor.info
+    else:
+        processor, info = in_process(settings, partitions, metrics)
+    log.info(
+        "model %s: %d categories, %d items in catalog, provider %s, batches stepped %s",
+        info["version"],
+        info["categories"],
+        info["items"],
+        info["provider"],
+        f"in process {processor.proc.pid}" if settings.step_process else "in the worker's process",
+    )
     faust_app.bind(processor, metrics)
     metrics.serve(settings.metrics_port)
 
     import faust
 
     async def _ready() -> None:
-        await store.start()
+        await processor.start()
         log.info("worker ready: consuming %s and %s", settings.input_topic, settings.rekey_topic)
 
     faust_app.app.on_startup_finished = _ready
@@ -153,7 +153,25 @@ def run(args: argparse.Namespace) -> int:
         worker.execute_from_commandline()
     except SystemExit as exc:
         return int(exc.code or 0)
+    finally:
+        if settings.step_process:
+            processor.stop()
     return 0
+
+
+def in_process(settings: Settings, partitions: dict[str, int], metrics):
+    """The processor in the worker's own process (``INTEREST_STEP_PROCESS=false``), and what to log about it."""
+    from export.runtime import StepSession
+    from streams.processor import InterestProcessor
+    from streams.state import StateStore
+
+    session = StepSession(settings.model_path, device=settings.device, intra_op_threads=settings.ort_threads or None)
+    catalog = session.load_catalog(settings.catalog_path)
+    meta = session.meta
+    store = StateStore(settings, meta.version, meta.hidden_size, metrics)
+    processor = InterestProcessor(session, store, settings, catalog, partitions, metrics)
+    info = {"version": meta.version, "categories": len(meta.categories), "items": len(catalog)}
+    return processor, {**info, "provider": session.provider}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import ssl
 import subprocess
@@ -338,3 +339,37 @@ def test_worker_with_wrong_redis_password_exits_with_a_clear_line(
     errors = [ln for ln in out.splitlines() if ln.startswith("interest-stream worker: error:")]
     assert len(errors) == 1 and "Redis" in errors[0] and "***" in errors[0], out[-2000:]
     assert wrong not in out and redis_pw not in out
+
+
+def test_output_producer_maps_sasl_and_ssl(tmp_path):
+    """The step process's own producer gets the same broker options as Faust's."""
+    from streams.kafka import output_producer
+
+    cert, key = self_signed(tmp_path)
+
+    async def make(settings: Settings):
+        producer = output_producer(settings)
+        await producer.stop()  # never started: nothing to flush
+        return producer.client, producer
+
+    client, _ = asyncio.run(make(Settings(kafka_bootstrap="a:1,b:2")))
+    assert client._bootstrap_servers == ["a:1", "b:2"] and client._security_protocol == "PLAINTEXT"
+    assert client._ssl_context is None
+
+    client, producer = asyncio.run(
+        make(
+            Settings(
+                kafka_security_protocol="SASL_SSL",
+                kafka_sasl_mechanism="SCRAM-SHA-256",
+                kafka_sasl_username="bob",
+                kafka_sasl_password="pw",
+                kafka_ssl_cafile=cert,
+                kafka_ssl_certfile=cert,
+                kafka_ssl_keyfile=key,
+            )
+        )
+    )
+    assert client._security_protocol == "SASL_SSL" and client._sasl_mechanism == "SCRAM-SHA-256"
+    assert (client._sasl_plain_username, client._sasl_plain_password) == ("bob", "pw")
+    assert isinstance(client._ssl_context, ssl.SSLContext) and client._ssl_context.cert_store_stats()["x509_ca"] > 0
+    assert producer.client._client_id == "interest-stream"

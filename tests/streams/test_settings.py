@@ -43,5 +43,5 @@ def test_readme_lists_every_setting_with_its_default() -> None:
         var = f"INTEREST_{name.upper()}"
         assert var in rows, f"{var} missing from the README's settings table"
         default = field.default
-        shown = "" if default is None else str(default)
+        shown = "" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
         assert rows[var].strip() == shown, f"{var}: README says {rows[var]!r}, code says {shown!r}"
