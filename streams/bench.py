@@ -25,14 +25,17 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    ``latency_ms`` = produce -> Redis written, quantiles interpolated in the buckets of the worker's
    ``interest_latency_from_produce_seconds`` histogram (delta over the measured window; buckets 25/50/100 ms, so a
    quantile is exact to its bucket); ``latency_output_ms`` = produce -> output record, exact per event: the output
-   record's Kafka timestamp (set when the worker hands it to its producer) minus the time the bench sent the input.
+   record's Kafka timestamp (set when the worker hands it to its producer) minus the time the bench sent the input;
+   ``latency_transport_ms`` = the transport alone at the same rate: the same paced producer into a fresh topic, read
+   by a bare aiokafka consumer in its own process (``python -m streams.bench floor-consumer``, the worker's fetch
+   settings, no group), produce -> consumed. The worker cannot be faster than this floor.
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
    1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
    costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
    and Redis bytes per user (``INFO memory`` used_memory delta / ``DBSIZE`` of the run's db).
 
 With profiling on (default in the full run), an extra one-worker product run is sampled with ``py-spy record``
-(raw, ``DIR/profile-1w.txt``) and the top functions land in ``bench.json["profile"]``.
+(the worker and its step process, raw, ``DIR/profile-1w.txt``) and the top functions land in ``bench.json["profile"]``.
 Outputs: ``DIR/bench.json``, ``DIR/bench.md`` (table, targets, pass/fail), ``DIR/bench.png`` (throughput bars and
 latency CDF); worker and service logs under ``DIR/logs``.
 """
@@ -572,16 +575,7 @@ class Bench:
             applied = lambda: metric_total(worker.samples(), "interest_events_applied_total")  # noqa: E731
             wait_for(lambda: applied() >= warmup, 120, "the latency warm-up")
             before = worker.samples()
-            t0 = time.perf_counter()
-            for i, ev in enumerate(itertools.islice(events, n)):
-                if i % 10 == 0:
-                    ahead = t0 + i / rate - time.perf_counter()
-                    if ahead > 0:
-                        time.sleep(ahead)
-                sent_at[str(ev["event_id"])] = time.time()
-                producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
-            producer.flush()
-            offered = n / (time.perf_counter() - t0)
+            offered = paced_send(producer, topic, itertools.islice(events, n), rate, sent_at)
             wait_for(lambda: applied() >= warmup + n, 120 + n / 1000, "the latency run")
             after = worker.samples()
         finally:
@@ -632,6 +626,67 @@ class Bench:
         log(f"latency at {offered:,.0f} ev/s: to Redis {redis_q}, to output {result['output_ms']}")
         return result
 
+    def latency_floor(self, ds, rate: float, seconds: float) -> dict:
+        """The transport alone at the latency run's rate: the same paced producer into a fresh topic, read by a bare
+        aiokafka consumer in its own process (the worker's fetch settings, no group, no worker); produce -> consumed."""
+        from kafka import KafkaProducer
+
+        from streams.kafka import ensure_topics
+
+        env = self.names("floor")
+        settings = self.settings(env)
+        ensure_topics(settings)
+        n = max(500, int(rate * seconds))
+        result = self.logs / "floor-result.json"
+        ready = result.with_suffix(".ready")
+        result.unlink(missing_ok=True)
+        ready.unlink(missing_ok=True)
+        with open(self.logs / "floor-consumer.log", "wb") as out:
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "streams.bench", "floor-consumer", "--bootstrap", self.bootstrap),
+                    *("--topic", settings.input_topic, "--expect", str(n), "--result", str(result)),
+                ],
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=1, acks=1)
+        try:
+            wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the floor consumer's assignment")
+            events = itertools.islice(looped_events(ds, loops=1 + n // len(ds.events)), n)
+            offered = paced_send(producer, settings.input_topic, events, rate, {})
+            wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, "the floor consumer")
+        finally:
+            producer.close()
+            stop_all([proc], 10)
+        if not result.exists():
+            from models.errors import ServiceError
+
+            raise ServiceError(f"floor consumer failed; see {self.logs / 'floor-consumer.log'}")
+        r = json.loads(result.read_text())
+        log(f"transport floor at {offered:,.0f} ev/s: {r['consumed_ms']}")
+        return {"offered_eps": offered, "events": n, "consumed_ms": r["consumed_ms"]}
+
+
+def paced_send(producer, topic: str, events: Iterable[dict[str, object]], rate: float, sent_at: dict) -> float:
+    """Send ``events`` keyed by user id at ``rate`` per second (paced every 10), noting each event's send time in
+    ``sent_at``; flush; return the rate achieved."""
+    import orjson
+
+    t0 = time.perf_counter()
+    n = 0
+    for n, ev in enumerate(events, 1):
+        if n % 10 == 1:
+            ahead = t0 + (n - 1) / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        sent_at[str(ev["event_id"])] = time.time()
+        producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
+    producer.flush()
+    return n / (time.perf_counter() - t0)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # profiling
@@ -660,6 +715,7 @@ def start_py_spy(pid: int, out: Path, log_path: Path) -> subprocess.Popen | None
                 "raw",
                 "--function",
                 "--nonblocking",
+                "--subprocesses",  # the worker's step process too
                 "-o",
                 str(out),
             ],
@@ -744,6 +800,7 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "latency_ms": lat["redis_ms"],
         "latency_output_ms": lat["output_ms"],
         "latency_offered_eps": round(lat["offered_eps"]),
+        "latency_transport_ms": r["floor"]["consumed_ms"],
         "users_1k_eps": round(r["u1k"]["eps"]),
         "users_1m_eps": round(r["u1m"]["eps"]),
         "rss_mb": max(r["u1m"]["rss_mb"]),
@@ -776,7 +833,7 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
 
 def write_markdown(path: Path, res: dict) -> None:
     d = res["details"]
-    lat, lo = res["latency_ms"], res["latency_output_ms"]
+    lat, lo, tr = res["latency_ms"], res["latency_output_ms"], res["latency_transport_ms"]
     rows = [
         ("Faust no-op agent, take_events(2000)", f"{res['faust_noop_eps']:,}", f"{d['noop']['events']:,} events"),
         ("aiokafka raw consumer (getmany)", f"{res['aiokafka_raw_eps']:,}", f"{d['raw']['events']:,} events"),
@@ -810,6 +867,10 @@ def write_markdown(path: Path, res: dict) -> None:
         f"p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms (interpolated in the worker's histogram "
         f"buckets); produce -> output record p50 {lo['p50']} ms, p95 {lo['p95']} ms, p99 {lo['p99']} ms (exact).",
         "",
+        f"The transport alone at the same rate (the same producer into a fresh topic, a bare aiokafka consumer with "
+        f"the worker's fetch settings, no worker): produce -> consumed p50 {tr['p50']} ms, p95 {tr['p95']} ms, "
+        f"p99 {tr['p99']} ms.",
+        "",
         f"Memory at the 1M-id run: worker RSS (with its step process) {res['rss_mb']} MB, "
         f"Redis {res['redis_bytes_per_user']:,} B/user "
         f"(~{res['redis_bytes_per_user'] * 1e6 / 2**30:.1f} GiB for 1M users).",
@@ -822,14 +883,14 @@ def write_markdown(path: Path, res: dict) -> None:
         f"{mark[t['product_vs_noop >= 0.70']]} |",
         f"| product_eps_1w >= 8,000 ev/s | {res['product_eps_1w']:,} | {mark[t['product_eps_1w >= 8000']]} |",
         f"| product / naive >= 10 | {r['product_vs_naive']:.1f}x | {mark[t['product_vs_naive >= 10']]} |",
-        f"| p99 produce->Redis <= 50 ms at half max | {lat['p99']} ms | "
+        f"| p99 produce->Redis <= 50 ms at half max | {lat['p99']} ms (transport alone {tr['p99']} ms) | "
         f"{mark[t['latency p99 produce->Redis <= 50 ms']]} |",
         f"| users_1m / users_1k >= 0.8 | {r['users_1m_vs_1k']:.2f} | {mark[t['users_1m_vs_1k >= 0.8']]} |",
         "",
     ]
     prof = res.get("profile") or {}
     if prof.get("samples"):
-        lines += ["## Profile (py-spy, 1 worker, % of samples)", "", "| self | % |", "|---|---:|"]
+        lines += ["## Profile (py-spy, 1 worker and its step process, % of samples)", "", "| self | % |", "|---|---:|"]
         lines += [f"| `{n}` | {p} |" for n, p in prof["self_pct"][:12]]
         lines += ["", "| area (self) | % |", "|---|---:|"]
         lines += [f"| {n} | {p} |" for n, p in prof["self_pct_by_area"]]
@@ -952,6 +1013,7 @@ def run(args: argparse.Namespace) -> int:
         r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
+        r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds)
 
         for tag, users in (("u1k", 1000), ("u1m", 1_000_000)):
             env = bench.names(tag)
@@ -1046,9 +1108,57 @@ def noop_worker(argv: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# hidden subcommand: the transport floor's consumer (its own process, like the worker)
+
+
+def floor_consumer(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m streams.bench floor-consumer")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--expect", type=int, required=True)
+    ap.add_argument("--result", type=Path, required=True)
+    a = ap.parse_args(argv)
+
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.settings import Settings
+
+    async def go() -> dict:
+        c = AIOKafkaConsumer(
+            a.topic,
+            bootstrap_servers=a.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=Settings().fetch_max_wait_ms,  # as the worker's consumer
+            max_poll_records=MAX_BATCH,
+        )
+        await c.start()
+        lat: list[float] = []
+        try:
+            while not c.assignment():
+                await asyncio.sleep(0.05)
+            a.result.with_suffix(".ready").touch()
+            while len(lat) < a.expect:
+                for records in (await c.getmany(timeout_ms=1000)).values():
+                    now = time.time()
+                    lat.extend(now - rec.timestamp / 1e3 for rec in records)
+        finally:
+            await c.stop()
+        return {"events": len(lat), "consumed_ms": quantiles_ms(lat)}
+
+    out = asyncio.run(go())
+    tmp = a.result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(a.result)
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "noop-worker":
         sys.exit(noop_worker(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "floor-consumer":
+        sys.exit(floor_consumer(sys.argv[2:]))
     from streams.cli import main
 
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -30,7 +30,7 @@ NUMBERS = (
     "redis_bytes_per_user",
     "latency_offered_eps",
 )
-QUANTILES = ("latency_ms", "latency_output_ms")
+QUANTILES = ("latency_ms", "latency_output_ms", "latency_transport_ms")
 RATIOS = ("product_vs_noop", "product_vs_naive", "users_1m_vs_1k")
 
 
