@@ -165,11 +165,9 @@ def scale_events(ds, total: int, users: int) -> Iterator[dict[str, object]]:
 
 
 async def start_store(store) -> None:
-    """``StateStore.start`` minus its script load (``AsyncScript`` has no ``.client`` in redis-py 8): ping, load."""
-    from streams.state import CAS_WRITE
-
+    """``StateStore.start`` without its retries: ping, load the scripts."""
     await store.client.ping()
-    await store.client.script_load(CAS_WRITE)
+    await store.load_scripts()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):

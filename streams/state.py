@@ -1,8 +1,9 @@
 """Per-user state and published distribution, together in one Redis hash per user.
 
 Key ``<prefix><user_id>`` (a hash). The worker writes every field of a user in one ``HSET`` inside a Lua script that
-refuses to go backwards (fewer applied events than stored, same model version), and writes all users of a batch
-through one pipeline; a new owner of a partition just reads the hashes it needs (no changelog restore).
+refuses to go backwards (fewer applied events than stored, same model version); one script call writes up to 256
+users, and a batch's calls go out in one pipeline (reads likewise, through a script of ``HMGET``s). A new owner of
+a partition just reads the hashes it needs (no changelog restore).
 
 | field           | what                                                                         |
 |-----------------|------------------------------------------------------------------------------|
@@ -21,19 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import hiredis
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import DataError, NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.errors import ServiceError
@@ -42,17 +45,42 @@ from streams.settings import Settings, redact_url
 log = logging.getLogger(__name__)
 
 STATE_FIELDS = ("model_version", "events", "event_ts", "state", "pos", "recent")
+# every field of a user's hash, in the order the write script receives the values
+WRITE_FIELDS = ("probs", "top", "model_version", "updated_at", "events", "event_ts", "state", "pos", "recent")
+SCRIPT_KEYS = 256  # users per script call (a batch's calls go out in one pipeline)
 
-# KEYS[1] = user key; ARGV = model_version, events, ttl_s, field, value, field, value, ...
-# Writes only when the stored state is of another model version or has applied fewer events: never older over newer.
+# KEYS = user keys; ARGV = model_version, ttl_s, F, F field names, then per key: events, F values.
+# Per key, writes only when the stored state is of another model version or has applied fewer events: never older
+# over newer. Returns 1 (written) or 0 (refused) per key.
 CAS_WRITE = """
-local cur = redis.call('HMGET', KEYS[1], 'model_version', 'events')
-if cur[1] == ARGV[1] and cur[2] and tonumber(cur[2]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-return 1
+local version, ttl, nf = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, hset = {}, {}
+for i, key in ipairs(KEYS) do
+  local at = 3 + nf + (i - 1) * (nf + 1)
+  local cur = redis.call('HMGET', key, 'model_version', 'events')
+  if cur[1] == version and cur[2] and tonumber(cur[2]) >= tonumber(ARGV[at + 1]) then
+    out[i] = 0
+  else
+    for j = 1, nf do hset[2 * j - 1] = ARGV[3 + j]; hset[2 * j] = ARGV[at + 1 + j] end
+    redis.call('HSET', key, unpack(hset))
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    out[i] = 1
+  end
+end
+return out
 """
+
+# KEYS = user keys; ARGV = field names. The fields of every key, one reply.
+READ_STATES = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
+return out
+"""
+
+
+def sha1_hex(script: str) -> str:
+    """The SHA1 that EVALSHA names ``script`` by."""
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 @dataclass(slots=True)
@@ -128,11 +156,39 @@ def redis_options(settings: Settings) -> dict[str, object]:
     return opts
 
 
+class _HiredisPacking:
+    """Packs commands with hiredis (in C), as redis-py's sync connection does when hiredis is installed; its asyncio
+    connection packs them in Python, ~2 us an argument (a user's CAS write has two dozen)."""
+
+    def pack_command(self, *args):
+        if isinstance(args[0], str):  # a multi-word command name ("SCRIPT LOAD") goes out as separate words
+            args = (*args[0].encode().split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from None
+
+
+class _Connection(_HiredisPacking, aioredis.Connection):
+    pass
+
+
+class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
+    pass
+
+
 def redis_client(settings: Settings) -> aioredis.Redis:
     """An asyncio Redis client from the settings, without redis-py's own retries (10 by default, with backoff):
-    the StateStore retries itself, counted in ``interest_redis_retries_total`` and logged."""
+    the StateStore retries itself, counted in ``interest_redis_retries_total`` and logged. Replies are parsed and
+    commands packed by hiredis."""
+    scheme = settings.redis_url.split("://", 1)[0]
+    packing = {"redis": {"connection_class": _Connection}, "rediss": {"connection_class": _SSLConnection}}
     return aioredis.Redis.from_url(
-        settings.redis_url, health_check_interval=10, retry=Retry(NoBackoff(), 0), **redis_options(settings)
+        settings.redis_url,
+        health_check_interval=10,
+        retry=Retry(NoBackoff(), 0),
+        **packing.get(scheme, {}),  # unix:// keeps redis-py's own
+        **redis_options(settings),
     )
 
 
@@ -154,7 +210,8 @@ class StateStore:
         self.client = redis_client(settings)
         self.cache: OrderedDict[str, UserState] = OrderedDict()
         self.cache_size = settings.cache_size
-        self._script = self.client.register_script(CAS_WRITE)
+        self._write_sha = sha1_hex(CAS_WRITE)
+        self._read_sha = sha1_hex(READ_STATES)
         self.stale_writes = 0
 
     def key(self, user_id: str) -> str:
@@ -166,7 +223,7 @@ class StateStore:
         while True:
             try:
                 await self.client.ping()
-                await self.client.script_load(CAS_WRITE)
+                await self.load_scripts()
                 log.info("redis connected: %s", redact_url(self.settings.redis_url))
                 return
             except RedisError as exc:
@@ -175,6 +232,30 @@ class StateStore:
                         f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {type(exc).__name__}: {exc}"
                     ) from None
                 await asyncio.sleep(0.5)
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD the read and write scripts (again after a Redis restart: NOSCRIPT)."""
+        await self.client.script_load(CAS_WRITE)
+        await self.client.script_load(READ_STATES)
+
+    async def _scripts(self, what: str, calls: list[tuple[str, list[str], list]]) -> list:
+        """Run script calls ``(sha, keys, args)`` in one pipeline, retrying while Redis is unreachable and loading
+        the scripts once if Redis lost them; returns the replies, in order."""
+
+        async def send():
+            pipe = self.client.pipeline(transaction=False)
+            for sha, keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
+
+        results = await self._retrying(what, send)
+        if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: load the scripts, send again
+            await self._retrying("script load", self.load_scripts)
+            results = await self._retrying(what, send)
+        bad = [r for r in results if isinstance(r, Exception)]
+        if bad:
+            raise ServiceError(f"redis rejected a {what}: {bad[0]}")
+        return results
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -201,7 +282,7 @@ class StateStore:
                 delay = min(delay * 2, self.settings.redis_retry_max_s)
 
     async def load(self, users: Iterable[str]) -> dict[str, UserState | None]:
-        """States of ``users`` (None for a user with no usable state): cache first, then one pipeline read."""
+        """States of ``users`` (None for a user with no usable state): cache first, then the read script."""
         out: dict[str, UserState | None] = {}
         missing: list[str] = []
         cache = self.cache
@@ -212,46 +293,33 @@ class StateStore:
             else:
                 out[u] = st
         if missing:
-
-            async def read():
-                pipe = self.client.pipeline(transaction=False)
-                for u in missing:
-                    pipe.hmget(self.key(u), STATE_FIELDS)
-                return await pipe.execute()
-
-            rows = await self._retrying("read", read)
+            key = self.key
+            calls = [
+                (self._read_sha, [key(u) for u in missing[i : i + SCRIPT_KEYS]], STATE_FIELDS)
+                for i in range(0, len(missing), SCRIPT_KEYS)
+            ]
+            rows = [row for reply in await self._scripts("read", calls) for row in reply]
             for u, row in zip(missing, rows, strict=True):
                 out[u] = decode_state(row, self.version, self.hidden)
         return out
 
     async def write(self, writes: Sequence[UserWrite], states: dict[str, UserState]) -> int:
-        """Write a batch (one pipeline of CAS scripts); cache what was written. Returns the number of stale writes."""
+        """Write a batch (CAS script calls of up to SCRIPT_KEYS users, one pipeline); cache what was written. Returns
+        the number of stale writes."""
         if not writes:
             return 0
         t0 = time.perf_counter()
-        ttl = self.ttl
-        version = self.version
-        sha = self._script.sha
-
-        async def send():
-            pipe = self.client.pipeline(transaction=False)
-            for w in writes:
-                args: list = [version, w.events, ttl]
-                for k, v in w.fields.items():
-                    args.append(k)
-                    args.append(v)
-                pipe.evalsha(sha, 1, w.key, *args)
-            return await pipe.execute(raise_on_error=False)
-
-        results = await self._retrying("write", send)
-        if any(isinstance(r, Exception) for r in results):
-            noscript = [r for r in results if isinstance(r, Exception)]
-            if all(isinstance(r, NoScriptError) for r in noscript):  # Redis restarted without the script: load, resend
-                await self._retrying("script load", lambda: self.client.script_load(CAS_WRITE))
-                results = await self._retrying("write", send)
-            bad = [r for r in results if isinstance(r, Exception)]
-            if bad:
-                raise ServiceError(f"redis rejected {len(bad)} writes: {bad[0]}")
+        head = [self.version, self.ttl, len(WRITE_FIELDS), *WRITE_FIELDS]
+        calls = []
+        for i in range(0, len(writes), SCRIPT_KEYS):
+            chunk = writes[i : i + SCRIPT_KEYS]
+            args = list(head)
+            for w in chunk:
+                fields = w.fields
+                args.append(w.events)
+                args.extend([fields[f] for f in WRITE_FIELDS])
+            calls.append((self._write_sha, [w.key for w in chunk], args))
+        results = [ok for reply in await self._scripts("write", calls) for ok in reply]
         stale = 0
         cache = self.cache
         prefix_len = len(self.prefix)
