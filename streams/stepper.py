@@ -44,7 +44,7 @@ from models.errors import InterestStreamError, ServiceError
 from streams.metrics import Metrics
 from streams.processor import BatchPlan, Message, Partitioner, RawMessage
 from streams.settings import Settings
-from streams.worker import logging_config
+from streams.worker import logging_config, quiet_gc
 
 log = logging.getLogger("streams.stepper")
 
@@ -292,6 +292,7 @@ async def serve(sock: socket.socket) -> int:
     meta = session.meta
     info = {"version": meta.version, "categories": len(meta.categories), "items": len(catalog)}
     send(("ready", {**info, "provider": session.provider}))
+    quiet_gc()  # as the worker does: start-up's objects stay out of full collections
 
     plans: dict[int, BatchPlan] = {}
     to_prepare: asyncio.Queue[tuple[int, list]] = asyncio.Queue()

@@ -10,6 +10,7 @@ match its vocabulary, stops it here with a one-line message), reaches Redis and 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import logging.config
 import sys
@@ -135,13 +136,15 @@ def run(args: argparse.Namespace) -> int:
 
     import faust
 
-    async def _ready() -> None:
-        await processor.start()
-        log.info("worker ready: consuming %s and %s", settings.input_topic, settings.rekey_topic)
+    class Worker(faust.Worker):
+        async def on_startup_finished(self) -> None:
+            """Faust's 'app fully started' hook (faust.Worker takes the app's own ``on_startup_finished`` slot)."""
+            await super().on_startup_finished()
+            await processor.start()
+            quiet_gc()
+            log.info("worker ready: consuming %s and %s", settings.input_topic, settings.rekey_topic)
 
-    faust_app.app.on_startup_finished = _ready
-
-    worker = faust.Worker(
+    worker = Worker(
         faust_app.app,
         loglevel=settings.log_level.lower(),
         logging_config=logging_config(settings),
@@ -157,6 +160,17 @@ def run(args: argparse.Namespace) -> int:
         if settings.step_process:
             processor.stop()
     return 0
+
+
+def quiet_gc() -> None:
+    """Keep what start-up built (modules, the model, Faust's app) out of the cyclic GC's full collections.
+
+    A full collection walks every tracked object; with start-up's hundreds of thousands of them it paused the worker
+    for 60-80 ms a few times a minute, the largest part of its p99 latency. Frozen objects are still freed by
+    reference counting; only start-up's cyclic garbage, collected first, would escape the GC.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def in_process(settings: Settings, partitions: dict[str, int], metrics):

@@ -35,6 +35,7 @@ def test_many_users_match_offline_replay(
     logs = [orjson.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
     assert len(logs) >= 5 and {"ts", "level", "logger", "message"} <= set(logs[0])
     assert any(rec["logger"].startswith("faust") for rec in logs)
+    assert '"message":"worker ready: consuming' in worker.output()  # the start-up hook ran
     users = {e["user_id"] for e in events}
     keys = {k.decode() for k in rclient.scan_iter(match=names.redis_prefix + "*")}
     assert keys == {names.redis_prefix + u for u in users}
