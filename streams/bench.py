@@ -1,6 +1,6 @@
 """``interest-stream bench --out DIR [--quick] [--model PATH] [--no-profile]``: the worker against its ceilings.
 
-    interest-stream bench --out artifacts/bench                 # full run, ~10-15 min on 2 cores
+    interest-stream bench --out artifacts/bench                 # full run, ~6-8 min on 2 cores
     interest-stream bench --out artifacts/bench-quick --quick   # CI smoke, < 3 min (small event counts)
 
 Everything runs in one go on one broker (Tansu) and one Redis, both started here on free ports and stopped at the end,
