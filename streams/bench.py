@@ -267,23 +267,26 @@ class Bench:
         log(f"pre-filled {env['INTEREST_INPUT_TOPIC']} with {sent:,} events ({eps:,.0f}/s)")
         return eps
 
-    # ---- 1a: Faust no-op -------------------------------------------------------------------------------------------
-    def faust_noop(self, topic: str, n: int) -> dict:
-        result = self.logs / "noop-result.json"
-        result.unlink(missing_ok=True)
-        with open(self.logs / "noop-worker.log", "wb") as out:
+    def spawn(self, command: str, *args: str) -> subprocess.Popen:
+        """``python -m streams.bench COMMAND --bootstrap <broker> ARGS`` (a hidden subcommand) in its own process,
+        output to ``DIR/logs/COMMAND.log``; stopped with the others at the end."""
+        with open(self.logs / f"{command}.log", "wb") as out:
             proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "streams.bench", "noop-worker", "--bootstrap", self.bootstrap),
-                    *("--topic", topic, "--group", f"bench-{self.run_id}-noop"),
-                    *("--expect", str(n), "--result", str(result)),
-                ],
+                [sys.executable, "-m", "streams.bench", command, "--bootstrap", self.bootstrap, *args],
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
         self.procs.append(proc)
+        return proc
+
+    # ---- 1a: Faust no-op -------------------------------------------------------------------------------------------
+    def faust_noop(self, topic: str, n: int) -> dict:
+        result = self.logs / "noop-result.json"
+        result.unlink(missing_ok=True)
+        args = ("--topic", topic, "--group", f"bench-{self.run_id}-noop", "--expect", str(n), "--result", str(result))
+        proc = self.spawn("noop-worker", *args)
         try:
             wait_for(lambda: result.is_file() or proc.poll() is not None, 60 + n / 2000, "the Faust no-op agent", 0.2)
         finally:
@@ -639,17 +642,9 @@ class Bench:
         ready = result.with_suffix(".ready")
         result.unlink(missing_ok=True)
         ready.unlink(missing_ok=True)
-        with open(self.logs / "floor-consumer.log", "wb") as out:
-            proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "streams.bench", "floor-consumer", "--bootstrap", self.bootstrap),
-                    *("--topic", settings.input_topic, "--expect", str(n), "--result", str(result)),
-                ],
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.procs.append(proc)
+        proc = self.spawn(
+            "floor-consumer", "--topic", settings.input_topic, "--expect", str(n), "--result", str(result)
+        )
         producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=1, acks=1)
         try:
             wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the floor consumer's assignment")

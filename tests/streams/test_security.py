@@ -139,6 +139,20 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def sasl_ssl(tmp_path: Path, mechanism: str) -> Settings:
+    """Settings for SASL over mutual TLS, user bob, with a fresh self-signed certificate as CA and client cert."""
+    cert, key = self_signed(tmp_path)
+    return Settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism=mechanism,
+        kafka_sasl_username="bob",
+        kafka_sasl_password="pw",
+        kafka_ssl_cafile=cert,
+        kafka_ssl_certfile=cert,
+        kafka_ssl_keyfile=key,
+    )
+
+
 def test_broker_credentials_map_sasl_and_ssl(tmp_path):
     import faust
     from faust.types.auth import AuthProtocol, SASLMechanism
@@ -170,18 +184,7 @@ def test_broker_credentials_map_sasl_and_ssl(tmp_path):
     assert isinstance(tls.context, ssl.SSLContext) and tls.context.verify_mode == ssl.CERT_REQUIRED
     assert tls.context.cert_store_stats()["x509_ca"] > 0  # the CA file was loaded
 
-    cert, key = self_signed(tmp_path)
-    both = broker_credentials(
-        Settings(
-            kafka_security_protocol="SASL_SSL",
-            kafka_sasl_mechanism="SCRAM-SHA-512",
-            kafka_sasl_username="bob",
-            kafka_sasl_password="pw",
-            kafka_ssl_cafile=cert,
-            kafka_ssl_certfile=cert,
-            kafka_ssl_keyfile=key,
-        )
-    )
+    both = broker_credentials(sasl_ssl(tmp_path, "SCRAM-SHA-512"))
     assert isinstance(both, faust.SASLCredentials)
     assert both.protocol == AuthProtocol.SASL_SSL and isinstance(both.ssl_context, ssl.SSLContext)
     assert both.mechanism == SASLMechanism.SCRAM_SHA_512 and both.username == "bob"
@@ -345,8 +348,6 @@ def test_output_producer_maps_sasl_and_ssl(tmp_path):
     """The step process's own producer gets the same broker options as Faust's."""
     from streams.kafka import output_producer
 
-    cert, key = self_signed(tmp_path)
-
     async def make(settings: Settings):
         producer = output_producer(settings)
         await producer.stop()  # never started: nothing to flush
@@ -356,19 +357,7 @@ def test_output_producer_maps_sasl_and_ssl(tmp_path):
     assert client._bootstrap_servers == ["a:1", "b:2"] and client._security_protocol == "PLAINTEXT"
     assert client._ssl_context is None
 
-    client, producer = asyncio.run(
-        make(
-            Settings(
-                kafka_security_protocol="SASL_SSL",
-                kafka_sasl_mechanism="SCRAM-SHA-256",
-                kafka_sasl_username="bob",
-                kafka_sasl_password="pw",
-                kafka_ssl_cafile=cert,
-                kafka_ssl_certfile=cert,
-                kafka_ssl_keyfile=key,
-            )
-        )
-    )
+    client, producer = asyncio.run(make(sasl_ssl(tmp_path, "SCRAM-SHA-256")))
     assert client._security_protocol == "SASL_SSL" and client._sasl_mechanism == "SCRAM-SHA-256"
     assert (client._sasl_plain_username, client._sasl_plain_password) == ("bob", "pw")
     assert isinstance(client._ssl_context, ssl.SSLContext) and client._ssl_context.cert_store_stats()["x509_ca"] > 0
