@@ -62,7 +62,7 @@ async def _read(reader: asyncio.StreamReader) -> tuple:
 
 
 class StepperProcess:
-    """The worker's side: :class:`~streams.processor.InterestProcessor`'s ``prepare`` / ``write`` / ``drop_cache``,
+    """The worker's side: :class:`~streams.processor.InterestProcessor`'s ``prepare`` / ``finish`` / ``drop_cache``,
     carried out by the child process it starts.
 
     Constructing it starts the child and waits until it has loaded the model and reached Redis (a bad model or
