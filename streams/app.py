@@ -4,7 +4,8 @@ Started by ``interest-stream worker`` (:mod:`streams.worker`), which checks Redi
 batch step (a :class:`~streams.stepper.StepperProcess` child, or an ``InterestProcessor`` in this process) before it
 hands it to :func:`bind` and runs the app.
 
-Per batch (events collected from ``stream.noack()`` while the previous batch was stepped, at most max_batch):
+Per batch (events collected from ``stream.events()``, automatic acks off, while the previous batch was stepped, at
+most max_batch):
     prepare (decode, dedup, step)  ->  publish output records, dead letters, re-keys (all sends in flight at once,
     then awaited)  ->  write Redis (one pipeline)  ->  ack the batch's events; offsets are committed after that.
 The stages overlap (:class:`BatchPipeline`): Faust collects while batch n+1 is stepped and batch n is written.

@@ -12,8 +12,9 @@ One call to :meth:`InterestProcessor.prepare` takes a batch of Kafka messages an
    batch in order, the users split into a few ORT calls of the Scan sequence graph (:func:`step_groups`);
 5. builds one output record per applied event and one Redis write per user (its newest state only).
 
-Nothing is written by ``prepare``: :mod:`streams.app` publishes the plan, then calls :meth:`InterestProcessor.write`,
-then acks. The next batch may be prepared before that: it builds on the states of the plans not yet written.
+Nothing is written by ``prepare``: :meth:`InterestProcessor.finish` publishes the plan, then writes Redis, and the
+caller (:mod:`streams.app`) acks after that. The next batch may be prepared before that: it builds on the states of
+the plans not yet written.
 """
 
 from __future__ import annotations
@@ -234,11 +235,30 @@ class InterestProcessor:
         self.h0 = np.asarray(meta.h0, dtype=np.float32)
         self.c0 = np.asarray(meta.c0, dtype=np.float32)
         self.decoder = decoder_for(session, settings, catalog)
+        self.info: dict[str, object] = {}  # what the worker logs about the model (set by from_settings)
         # states of batches prepared but not yet written: the next batch builds on them (see write())
         self.inflight: dict[str, UserState] = {}
         self.stepper = BatchStepper(session, settings.ort_threads or None)
         # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
         self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step") if step_in_thread else None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, partitions: dict[str, int], metrics: Metrics | None = None
+    ) -> InterestProcessor:
+        """The worker's processor: the model session, its catalog and the state store, all from the settings."""
+        threads = settings.ort_threads or None
+        session = StepSession(settings.model_path, device=settings.device, intra_op_threads=threads)
+        catalog = session.load_catalog(settings.catalog_path)
+        store = StateStore(settings, session.meta.version, session.meta.hidden_size, metrics)
+        processor = cls(session, store, settings, catalog, partitions, metrics)
+        processor.info = {
+            "version": session.meta.version,
+            "categories": len(session.meta.categories),
+            "items": len(catalog),
+            "provider": session.provider,
+        }
+        return processor
 
     async def start(self) -> None:
         """Connect the state store (PING, retried; ServiceError if Redis stays unreachable)."""

@@ -257,10 +257,8 @@ async def serve(sock: socket.socket) -> int:
     """The child: build the processor, answer frames until the worker closes the socket."""
     from aiokafka.errors import KafkaError
 
-    from export.runtime import StepSession
     from streams.kafka import output_producer
     from streams.processor import InterestProcessor
-    from streams.state import StateStore
 
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
@@ -274,11 +272,8 @@ async def serve(sock: socket.socket) -> int:
 
     relay = MetricsRelay(send)
     try:
-        threads = settings.ort_threads or None
-        session = StepSession(settings.model_path, device=settings.device, intra_op_threads=threads)
-        catalog = session.load_catalog(settings.catalog_path)
-        store = StateStore(settings, session.meta.version, session.meta.hidden_size, relay)
-        await store.start()
+        processor = InterestProcessor.from_settings(settings, partitions, relay)  # type: ignore[arg-type]
+        await processor.start()
         producer = output_producer(settings)
         try:
             await producer.start()
@@ -288,10 +283,7 @@ async def serve(sock: socket.socket) -> int:
         send(("failed", type(exc).__name__, str(exc)))
         await writer.drain()
         return 2
-    processor = InterestProcessor(session, store, settings, catalog, partitions, relay)  # type: ignore[arg-type]
-    meta = session.meta
-    info = {"version": meta.version, "categories": len(meta.categories), "items": len(catalog)}
-    send(("ready", {**info, "provider": session.provider}))
+    send(("ready", processor.info))
     quiet_gc()  # as the worker does: start-up's objects stay out of full collections
 
     plans: dict[int, BatchPlan] = {}
@@ -333,7 +325,7 @@ async def serve(sock: socket.socket) -> int:
         await writer.drain()
     with contextlib.suppress(Exception):
         await producer.stop()
-    await store.close()
+    await processor.store.close()
     return 70 if failed.is_set() else 0
 
 

@@ -120,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
         from streams.stepper import StepperProcess
 
         processor = StepperProcess(settings, partitions, metrics)  # the child loads the model and reaches Redis
-        info = processor.info
     else:
-        processor, info = in_process(settings, partitions, metrics)
+        from streams.processor import InterestProcessor
+
+        processor = InterestProcessor.from_settings(settings, partitions, metrics)
+    info = processor.info
     log.info(
         "model %s: %d categories, %d items in catalog, provider %s, batches stepped %s",
         info["version"],
@@ -171,21 +173,6 @@ def quiet_gc() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def in_process(settings: Settings, partitions: dict[str, int], metrics):
-    """The processor in the worker's own process (``INTEREST_STEP_PROCESS=false``), and what to log about it."""
-    from export.runtime import StepSession
-    from streams.processor import InterestProcessor
-    from streams.state import StateStore
-
-    session = StepSession(settings.model_path, device=settings.device, intra_op_threads=settings.ort_threads or None)
-    catalog = session.load_catalog(settings.catalog_path)
-    meta = session.meta
-    store = StateStore(settings, meta.version, meta.hidden_size, metrics)
-    processor = InterestProcessor(session, store, settings, catalog, partitions, metrics)
-    info = {"version": meta.version, "categories": len(meta.categories), "items": len(catalog)}
-    return processor, {**info, "provider": session.provider}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,3 +121,16 @@ def ml_events(data_dir: Path, limit: int, users: int | None = None) -> list[dict
         keep = set(list(dict.fromkeys(e["user_id"] for e in events))[:users])
         events = [e for e in events if e["user_id"] in keep]
     return events[:limit]
+
+
+def raw_messages(settings, events: Iterable[dict], start: int = 0, partition: int | None = None) -> list:
+    """Events as the messages a worker would take from the input topic (4 partitions, keyed by user id), without a
+    broker: offsets ``start``, ``start + 1``, ... (per partition increasing), on the key's partition unless given."""
+    from streams.processor import RawMessage, default_partition
+
+    out = []
+    for i, ev in enumerate(events):
+        key = str(ev["user_id"]).encode()
+        p = default_partition(key, 4) if partition is None else partition
+        out.append(RawMessage(settings.input_topic, p, start + i, key, orjson.dumps(ev), 0.0))
+    return out

@@ -10,8 +10,9 @@ import pytest
 
 from export.runtime import StepSession
 from streams.lookup import bar_chart, get_interests
-from streams.processor import InterestProcessor, RawMessage
+from streams.processor import InterestProcessor
 from streams.state import StateStore
+from tests.streams.harness import raw_messages
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +30,6 @@ def setup(settings_for, trained_model):
     return settings, session, make
 
 
-def _msgs(settings, events, start=0, partition=None):
-    from streams.processor import default_partition
-
-    out = []
-    for i, ev in enumerate(events):
-        key = str(ev["user_id"]).encode()
-        p = default_partition(key, 4) if partition is None else partition
-        out.append(RawMessage(settings.input_topic, p, start + i, key, orjson.dumps(ev), 0.0))
-    return out
-
-
 async def _run(proc: InterestProcessor, msgs):
     plan = await proc.prepare(msgs)
     await proc.write(plan)
@@ -54,7 +44,7 @@ def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
         {"user_id": "b", "item_id": "2", "ts": 101, "event_id": "e2"},
         {"user_id": "a", "item_id": "3", "ts": 160, "action": "5", "event_id": "e3"},
     ]
-    msgs = _msgs(settings, events)
+    msgs = raw_messages(settings, events)
     plan = asyncio.run(_run(proc, msgs))
     assert plan.applied == 3 and plan.duplicates == 0
     # user b's first event was stepped from the learned initial state
@@ -69,7 +59,7 @@ def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
     # redelivery (same offsets) and a re-send (new offsets, same ids) are both skipped, by a fresh process too
     again = asyncio.run(_run(make(), msgs))
     assert again.applied == 0 and again.duplicates == 3
-    resent = asyncio.run(_run(make(), _msgs(settings, events, start=10)))
+    resent = asyncio.run(_run(make(), raw_messages(settings, events, start=10)))
     assert resent.applied == 0 and resent.duplicates == 3
     assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
 
@@ -79,14 +69,14 @@ def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
     first, second = make(), make()
     e1 = {"user_id": "z", "item_id": "1", "ts": 1, "event_id": "1"}
     e2 = {"user_id": "z", "item_id": "2", "ts": 2, "event_id": "2"}
-    asyncio.run(_run(first, _msgs(settings, [e1, e2])))
+    asyncio.run(_run(first, raw_messages(settings, [e1, e2])))
     # a zombie that saw only e1 (from an empty state) must not overwrite the 2-event state
     zombie = make()
     key = settings.redis_prefix + "z"
 
     async def zombie_write() -> int:
         rclient.hset(key, "model_version", "x")  # the zombie reads "no state"
-        plan = await zombie.prepare(_msgs(settings, [e1]))
+        plan = await zombie.prepare(raw_messages(settings, [e1]))
         rclient.hset(key, "model_version", second.version)
         return await zombie.write(plan)
 
@@ -94,7 +84,7 @@ def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
     assert int(rclient.hget(key, "events")) == 2
     # a state of another model version is reset: the user starts again from the cold-start state
     rclient.hset(settings.redis_prefix + "z", "model_version", "old-model")
-    plan = asyncio.run(_run(make(), _msgs(settings, [e2], start=50)))
+    plan = asyncio.run(_run(make(), raw_messages(settings, [e2], start=50)))
     assert plan.applied == 1
     assert int(rclient.hget(settings.redis_prefix + "z", "events")) == 1
 
@@ -104,7 +94,7 @@ def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> N
     events = [{"user_id": "o", "item_id": str(i), "ts": 1000 + 60 * i, "event_id": f"o{i}"} for i in range(1, 40)]
     others = [{"user_id": f"x{i}", "item_id": str(i), "ts": 1000 + i, "event_id": f"x{i}"} for i in range(1, 40)]
     mixed = [e for pair in zip(events, others, strict=True) for e in pair]
-    plan = asyncio.run(_run(make(), _msgs(settings, mixed)))
+    plan = asyncio.run(_run(make(), raw_messages(settings, mixed)))
     assert plan.applied == len(mixed)
     # sequential replay of user o alone
     proc = make()
@@ -123,7 +113,7 @@ def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> N
 
 def test_lookup_reads_what_the_worker_wrote(setup, rclient) -> None:
     settings, _session, make = setup
-    asyncio.run(_run(make(), _msgs(settings, [{"user_id": "look", "category": "Comedy", "ts": 5}])))
+    asyncio.run(_run(make(), raw_messages(settings, [{"user_id": "look", "category": "Comedy", "ts": 5}])))
     interests = get_interests("look", settings)
     assert interests is not None and interests.events == 1
     assert abs(sum(interests.probs) - 1) < 1e-4
@@ -139,7 +129,7 @@ def test_optional_ttl(settings_for, trained_model, rclient) -> None:
     session = StepSession(trained_model, device="cpu")
     store = StateStore(settings, session.meta.version, session.meta.hidden_size)
     proc = InterestProcessor(session, store, settings, session.load_catalog(), {settings.input_topic: 4})
-    asyncio.run(_run(proc, _msgs(settings, [{"user_id": "ttl", "category": "Drama", "ts": 5}])))
+    asyncio.run(_run(proc, raw_messages(settings, [{"user_id": "ttl", "category": "Drama", "ts": 5}])))
     assert 0 < rclient.ttl(settings.redis_prefix + "ttl") <= 600
 
 

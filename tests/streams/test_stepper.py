@@ -15,31 +15,20 @@ from export.runtime import StepSession
 from models.errors import ModelError, ServiceError
 from streams.kafka import ensure_topics
 from streams.metrics import Metrics
-from streams.processor import RawMessage, default_partition
+from streams.processor import RawMessage
 from streams.stepper import MetricsRelay, StepperProcess, apply_metrics
 from streams.verify import verify_events
-from tests.streams.harness import consume_all, ml_events, start_worker, wait_for
+from tests.streams.harness import consume_all, ml_events, raw_messages, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _messages(settings, values: list[tuple[bytes, bytes]], partitions: int) -> list[RawMessage]:
-    offsets: dict[int, int] = {}
-    out = []
-    for key, value in values:
-        p = default_partition(key, partitions)
-        offsets[p] = offsets.get(p, -1) + 1
-        out.append(RawMessage(settings.input_topic, p, offsets[p], key, value, 1.0))
-    return out
 
 
 def test_step_process_applies_publishes_and_relays_metrics(settings_for, trained_model, data_dir, rclient):
     settings = settings_for(device="cpu", partitions=4)
     partitions = ensure_topics(settings)
     events = ml_events(data_dir, 1200)
-    values = [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in events]
-    values.insert(700, (b"u1", b"{not json"))
-    messages = _messages(settings, values, partitions[settings.input_topic])
+    messages = raw_messages(settings, events)
+    messages.insert(700, RawMessage(settings.input_topic, 0, 10_000, b"u1", b"{not json", 0.0))
     metrics = Metrics()
     stepper = StepperProcess(settings, partitions, metrics)
 
@@ -78,7 +67,7 @@ def test_a_dead_step_process_fails_every_call_with_one_clear_error(settings_for)
     settings = settings_for(device="cpu", partitions=4)
     partitions = ensure_topics(settings)
     stepper = StepperProcess(settings, partitions, Metrics())
-    msgs = _messages(settings, [(b"a", orjson.dumps({"user_id": "a", "item_id": "1", "ts": 1}))], 4)
+    msgs = raw_messages(settings, [{"user_id": "a", "item_id": "1", "ts": 1}])
 
     async def run() -> None:
         await stepper.start()
