@@ -146,6 +146,23 @@ def test_wrongly_keyed_events_are_rekeyed_and_applied_in_order(
     _oracle(events, trained_model, settings_for(), rclient)
 
 
+def test_worker_without_a_step_process_matches_offline_replay(
+    names, kafka_bootstrap, redis_url, trained_model, data_dir, rclient, settings_for, tmp_path
+):
+    # INTEREST_STEP_PROCESS=false: the same batch step in the worker's own process
+    events = ml_events(data_dir, 2000)
+    worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path, INTEREST_STEP_PROCESS="false")
+    try:
+        produce(kafka_bootstrap, names.input_topic, events)
+        wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "all events applied")
+        assert worker.metric("interest_events_applied_total") == len(events)
+        assert "batches stepped in the worker's process" in worker.output()
+    finally:
+        assert worker.stop() == 0
+    assert len(consume_all(kafka_bootstrap, names.output_topic, len(events))) == len(events)
+    _oracle(events, trained_model, settings_for(), rclient)
+
+
 def test_two_workers_split_partitions_and_match_replay(
     names, kafka_bootstrap, redis_url, trained_model, data_dir, rclient, settings_for, tmp_path
 ):
