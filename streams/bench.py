@@ -21,14 +21,17 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    and prefix; the read-only input topic is shared).
 3. ``naive_eps``: the same decoder/encoder/session/state code, one event at a time: one ORT call, one Redis write and
    one awaited send per event (``async for`` over an aiokafka consumer, ``InterestProcessor.prepare([msg])``).
-4. latency at an offered rate of half ``product_eps_1w`` (paced kafka-python producer, fresh topic, warm worker):
+4. latency at an offered rate of half ``product_eps_1w`` (paced aiokafka producer, fresh topic, warm worker):
    ``latency_ms`` = produce -> Redis written, quantiles interpolated in the buckets of the worker's
    ``interest_latency_from_produce_seconds`` histogram (delta over the measured window; buckets 25/50/100 ms, so a
    quantile is exact to its bucket); ``latency_output_ms`` = produce -> output record, exact per event: the output
    record's Kafka timestamp (set when the worker hands it to its producer) minus the time the bench sent the input;
    ``latency_transport_ms`` = the transport alone at the same rate: the same paced producer into a fresh topic, read
    by a bare aiokafka consumer in its own process (``python -m streams.bench floor-consumer``, the worker's fetch
-   settings, no group), produce -> consumed. The worker cannot be faster than this floor.
+   settings, no group), produce -> consumed. The worker cannot be faster than this floor. ``latency_faust_ms`` =
+   Faust alone at the same rate: the no-op agent (``noop-worker --latency-after N``) iterating ``stream.events()``,
+   produce -> the agent has the event, where the worker's pipeline starts. ``latency_cpu_pct`` = CPU used during the
+   latency run (``psutil``, % of one core): the machine, the worker with its step process, the bench's producer.
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
    1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
    costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
@@ -555,7 +558,7 @@ class Bench:
     # ---- 4: latency ------------------------------------------------------------------------------------------------
     def latency(self, ds, rate: float, seconds: float, warmup: int) -> dict:
         import orjson
-        from kafka import KafkaConsumer, KafkaProducer
+        from kafka import KafkaConsumer
 
         from streams.kafka import ensure_topics
 
@@ -565,22 +568,20 @@ class Bench:
         n = max(500, int(rate * seconds))
         events = looped_events(ds, loops=2 + (n + warmup) // len(ds.events))
         worker = self.start_worker(env, "latency-0")
-        producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=1, acks=1)
         topic = settings.input_topic
         sent_at: dict[str, float] = {}
         try:
             self.wait_ready([worker])
-            for ev in itertools.islice(events, warmup):  # warm: group joined, model and caches warm
-                producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
-            producer.flush()
+            # warm: group joined, model and caches warm
+            paced_send(self.bootstrap, topic, itertools.islice(events, warmup), None)
             applied = lambda: metric_total(worker.samples(), "interest_events_applied_total")  # noqa: E731
             wait_for(lambda: applied() >= warmup, 120, "the latency warm-up")
             before = worker.samples()
-            offered = paced_send(producer, topic, itertools.islice(events, n), rate, sent_at)
-            wait_for(lambda: applied() >= warmup + n, 120 + n / 1000, "the latency run")
+            with CpuUse([worker.proc.pid]) as cpu:
+                offered = paced_send(self.bootstrap, topic, itertools.islice(events, n), rate, sent_at)
+                wait_for(lambda: applied() >= warmup + n, 120 + n / 1000, "the latency run")
             after = worker.samples()
         finally:
-            producer.close()
             stop_all([worker.proc])
         name = "interest_latency_from_produce_seconds"
         b0 = dict(histogram_buckets(before, name))
@@ -620,18 +621,17 @@ class Bench:
             "output_ms": quantiles_ms(out_lat),
             "processed_ms": quantiles_ms(proc_lat),
             "output_samples": len(out_lat),
+            "cpu_pct": cpu.result,
             "output_cdf_ms": [round(out_lat[int(i * (len(out_lat) - 1) / 200)] * 1e3, 3) for i in range(201)]
             if out_lat
             else [],
         }
-        log(f"latency at {offered:,.0f} ev/s: to Redis {redis_q}, to output {result['output_ms']}")
+        log(f"latency at {offered:,.0f} ev/s: to Redis {redis_q}, to output {result['output_ms']}; CPU {cpu.result}")
         return result
 
     def latency_floor(self, ds, rate: float, seconds: float) -> dict:
         """The transport alone at the latency run's rate: the same paced producer into a fresh topic, read by a bare
         aiokafka consumer in its own process (the worker's fetch settings, no group, no worker); produce -> consumed."""
-        from kafka import KafkaProducer
-
         from streams.kafka import ensure_topics
 
         env = self.names("floor")
@@ -645,40 +645,126 @@ class Bench:
         proc = self.spawn(
             "floor-consumer", "--topic", settings.input_topic, "--expect", str(n), "--result", str(result)
         )
-        producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=1, acks=1)
         try:
             wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the floor consumer's assignment")
             events = itertools.islice(looped_events(ds, loops=1 + n // len(ds.events)), n)
-            offered = paced_send(producer, settings.input_topic, events, rate, {})
-            wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, "the floor consumer")
+            with CpuUse([proc.pid]) as cpu:
+                offered = paced_send(self.bootstrap, settings.input_topic, events, rate)
+                wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, "the floor consumer")
         finally:
-            producer.close()
             stop_all([proc], 10)
         if not result.exists():
             from models.errors import ServiceError
 
             raise ServiceError(f"floor consumer failed; see {self.logs / 'floor-consumer.log'}")
         r = json.loads(result.read_text())
-        log(f"transport floor at {offered:,.0f} ev/s: {r['consumed_ms']}")
-        return {"offered_eps": offered, "events": n, "consumed_ms": r["consumed_ms"]}
+        log(f"transport floor at {offered:,.0f} ev/s: {r['consumed_ms']}; CPU {cpu.result}")
+        return {"offered_eps": offered, "events": n, "consumed_ms": r["consumed_ms"], "cpu_pct": cpu.result}
+
+    def latency_faust(self, ds, rate: float, seconds: float, warmup: int) -> dict:
+        """Faust alone at the latency run's rate: the same paced producer into a fresh topic, read by the no-op agent
+        iterating ``stream.events()`` (``noop-worker --latency``, its own process, the worker's Faust settings);
+        produce -> the agent has the event. The worker's pipeline starts where this ends."""
+        from streams.kafka import ensure_topics
+
+        env = self.names("faustlat")
+        settings = self.settings(env)
+        ensure_topics(settings)
+        n = max(500, int(rate * seconds))
+        result = self.logs / "noop-latency.json"
+        warm = result.with_suffix(".warm")
+        result.unlink(missing_ok=True)
+        warm.unlink(missing_ok=True)
+        args = ("--topic", settings.input_topic, "--group", env["INTEREST_APP_ID"], "--result", str(result))
+        proc = self.spawn("noop-worker", *args, "--expect", str(warmup + n), "--latency-after", str(warmup))
+        events = looped_events(ds, loops=2 + (n + warmup) // len(ds.events))
+        try:
+            paced_send(self.bootstrap, settings.input_topic, itertools.islice(events, warmup), None)
+            wait_for(lambda: warm.exists() or proc.poll() is not None, 120, "the Faust no-op agent's warm-up", 0.2)
+            with CpuUse([proc.pid]) as cpu:
+                offered = paced_send(self.bootstrap, settings.input_topic, itertools.islice(events, n), rate)
+                wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, "the Faust no-op agent")
+        finally:
+            stop_all([proc], 10)
+        if not result.exists():
+            from models.errors import ServiceError
+
+            raise ServiceError(f"noop worker failed; see {self.logs / 'noop-worker.log'}")
+        r = json.loads(result.read_text())
+        log(f"Faust alone at {offered:,.0f} ev/s: {r['agent_ms']}; CPU {cpu.result}")
+        return {"offered_eps": offered, "events": r["events"], "agent_ms": r["agent_ms"], "cpu_pct": cpu.result}
 
 
-def paced_send(producer, topic: str, events: Iterable[dict[str, object]], rate: float, sent_at: dict) -> float:
-    """Send ``events`` keyed by user id at ``rate`` per second (paced every 10), noting each event's send time in
-    ``sent_at``; flush; return the rate achieved."""
+def paced_send(
+    bootstrap: str, topic: str, events: Iterable[dict[str, object]], rate: float | None, sent_at: dict | None = None
+) -> float:
+    """Send ``events`` keyed by user id at ``rate`` per second (paced every 10; None: as fast as they go), noting each
+    event's send time in ``sent_at``; flush; return the rate achieved.
+
+    An aiokafka producer (linger 1 ms, acks 1), not kafka-python's: at 3,000 events/s kafka-python costs the bench
+    ~60 % of a core against aiokafka's ~30 %, CPU the worker under test shares on a small box.
+    """
     import orjson
+    from aiokafka import AIOKafkaProducer
 
-    t0 = time.perf_counter()
-    n = 0
-    for n, ev in enumerate(events, 1):
-        if n % 10 == 1:
-            ahead = t0 + (n - 1) / rate - time.perf_counter()
-            if ahead > 0:
-                time.sleep(ahead)
-        sent_at[str(ev["event_id"])] = time.time()
-        producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
-    producer.flush()
-    return n / (time.perf_counter() - t0)
+    async def go() -> float:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)
+        await producer.start()
+        try:
+            t0 = time.perf_counter()
+            n = 0
+            for n, ev in enumerate(events, 1):
+                if n % 10 == 1:  # pace (or, unpaced, let the sender run)
+                    await asyncio.sleep(max(0.0, t0 + (n - 1) / rate - time.perf_counter()) if rate else 0)
+                if sent_at is not None:
+                    sent_at[str(ev["event_id"])] = time.time()
+                await producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
+            await producer.flush()
+            return n / (time.perf_counter() - t0)
+        finally:
+            await producer.stop()
+
+    return asyncio.run(go())
+
+
+class CpuUse:
+    """CPU used over a window (a ``with`` block), in % of one core (so up to 100 x cores): the whole machine, this
+    process (the load generator) and the given processes with their children (a worker and its step process)."""
+
+    def __init__(self, pids: Iterable[int] = ()) -> None:
+        import psutil
+
+        self.procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                self.procs += [p, *p.children(recursive=True)]
+        self.me = psutil.Process()
+        self.result: dict[str, float] = {}
+
+    def _busy(self) -> tuple[float, float, float, float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        machine = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        mine = sum(self.me.cpu_times()[:2])
+        theirs = 0.0
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                theirs += sum(p.cpu_times()[:2])
+        return time.perf_counter(), machine, mine, theirs
+
+    def __enter__(self) -> CpuUse:
+        self._start = self._busy()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._busy()
+        wall = max(end[0] - self._start[0], 1e-9)
+        pct = [round(100 * (b - a) / wall, 1) for a, b in zip(self._start[1:], end[1:], strict=True)]
+        self.result = {"machine": pct[0], "load_generator": pct[1], "cores": os.cpu_count() or 1}
+        if self.procs:
+            self.result["worker"] = pct[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -794,6 +880,8 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "latency_output_ms": lat["output_ms"],
         "latency_offered_eps": round(lat["offered_eps"]),
         "latency_transport_ms": r["floor"]["consumed_ms"],
+        "latency_faust_ms": r["faust_latency"]["agent_ms"],
+        "latency_cpu_pct": lat["cpu_pct"],
         "users_1k_eps": round(r["u1k"]["eps"]),
         "users_1m_eps": round(r["u1m"]["eps"]),
         "rss_mb": max(r["u1m"]["rss_mb"]),
@@ -826,7 +914,8 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
 
 def write_markdown(path: Path, res: dict) -> None:
     d = res["details"]
-    lat, lo, tr = res["latency_ms"], res["latency_output_ms"], res["latency_transport_ms"]
+    lat, lo, tr, fa = res["latency_ms"], res["latency_output_ms"], res["latency_transport_ms"], res["latency_faust_ms"]
+    cpu = res["latency_cpu_pct"]
     rows = [
         ("Faust no-op agent, take_events(2000)", f"{res['faust_noop_eps']:,}", f"{d['noop']['events']:,} events"),
         ("aiokafka raw consumer (getmany)", f"{res['aiokafka_raw_eps']:,}", f"{d['raw']['events']:,} events"),
@@ -862,7 +951,11 @@ def write_markdown(path: Path, res: dict) -> None:
         "",
         f"The transport alone at the same rate (the same producer into a fresh topic, a bare aiokafka consumer with "
         f"the worker's fetch settings, no worker): produce -> consumed p50 {tr['p50']} ms, p95 {tr['p95']} ms, "
-        f"p99 {tr['p99']} ms.",
+        f"p99 {tr['p99']} ms. Faust alone at the same rate (the no-op agent iterating `stream.events()`): produce -> "
+        f"agent p50 {fa['p50']} ms, p95 {fa['p95']} ms, p99 {fa['p99']} ms.",
+        "",
+        f"CPU during the latency run (% of one core, {cpu['cores']} cores): machine {cpu['machine']}, worker and step "
+        f"process {cpu.get('worker')}, the bench's paced producer {cpu['load_generator']}.",
         "",
         f"Memory at the 1M-id run: worker RSS (with its step process) {res['rss_mb']} MB, "
         f"Redis {res['redis_bytes_per_user']:,} B/user "
@@ -876,7 +969,8 @@ def write_markdown(path: Path, res: dict) -> None:
         f"{mark[t['product_vs_noop >= 0.70']]} |",
         f"| product_eps_1w >= 8,000 ev/s | {res['product_eps_1w']:,} | {mark[t['product_eps_1w >= 8000']]} |",
         f"| product / naive >= 10 | {r['product_vs_naive']:.1f}x | {mark[t['product_vs_naive >= 10']]} |",
-        f"| p99 produce->Redis <= 50 ms at half max | {lat['p99']} ms (transport alone {tr['p99']} ms) | "
+        f"| p99 produce->Redis <= 50 ms at half max | {lat['p99']} ms (transport alone {tr['p99']} ms, "
+        f"Faust alone {fa['p99']} ms) | "
         f"{mark[t['latency p99 produce->Redis <= 50 ms']]} |",
         f"| users_1m / users_1k >= 0.8 | {r['users_1m_vs_1k']:.2f} | {mark[t['users_1m_vs_1k >= 0.8']]} |",
         "",
@@ -1007,6 +1101,7 @@ def run(args: argparse.Namespace) -> int:
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds)
+        r["faust_latency"] = bench.latency_faust(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
 
         for tag, users in (("u1k", 1000), ("u1m", 1_000_000)):
             env = bench.names(tag)
@@ -1045,6 +1140,12 @@ def noop_worker(argv: list[str]) -> int:
     ap.add_argument("--expect", type=int, required=True)
     ap.add_argument("--result", type=Path, required=True)
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH)
+    ap.add_argument(
+        "--latency-after",
+        type=int,
+        default=None,
+        help="latency mode: iterate stream.events() and time produce -> agent for the events after this many",
+    )
     a = ap.parse_args(argv)
 
     import faust
@@ -1071,7 +1172,23 @@ def noop_worker(argv: list[str]) -> int:
     topic = app.topic(a.topic, key_serializer="raw", value_serializer="raw")
     state = {"n": 0, "batches": 0, "first": None, "first_batch": 0, "done": False}
 
-    @app.agent(topic)
+    def finish(out: dict) -> None:
+        tmp = a.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(a.result)
+
+    async def timed(stream):
+        lat: list[float] = []
+        seen = 0
+        async for event in stream.events():
+            seen += 1
+            if seen > a.latency_after:
+                lat.append(time.time() - event.message.timestamp)  # Faust's timestamp is in seconds
+            elif seen == a.latency_after:
+                a.result.with_suffix(".warm").touch()
+            if seen == a.expect:
+                finish({"events": len(lat), "agent_ms": quantiles_ms(lat)})
+
     async def sink(stream):
         async for events in stream.take_events(a.max_batch, within=defaults.max_latency_ms / 1000):
             now = time.time()
@@ -1089,9 +1206,9 @@ def noop_worker(argv: list[str]) -> int:
                     "first_batch": state["first_batch"],
                     "last": now,
                 }
-                tmp = a.result.with_suffix(".tmp")
-                tmp.write_text(json.dumps(out))
-                tmp.replace(a.result)
+                finish(out)
+
+    app.agent(topic, name="sink")(timed if a.latency_after is not None else sink)
 
     worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False, override_logging=False)
     try:

@@ -30,7 +30,7 @@ NUMBERS = (
     "redis_bytes_per_user",
     "latency_offered_eps",
 )
-QUANTILES = ("latency_ms", "latency_output_ms", "latency_transport_ms")
+QUANTILES = ("latency_ms", "latency_output_ms", "latency_transport_ms", "latency_faust_ms")
 RATIOS = ("product_vs_noop", "product_vs_naive", "users_1m_vs_1k")
 
 
@@ -53,6 +53,9 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
         q = res[key]
         assert all(_positive(q[p]) for p in ("p50", "p95", "p99")), f"{key}: {q}"
         assert q["p50"] <= q["p95"] <= q["p99"]
+    cpu = res["latency_cpu_pct"]
+    assert all(_positive(cpu[k]) for k in ("machine", "worker", "load_generator")), cpu
+    assert cpu["machine"] <= 100 * cpu["cores"] + 5  # % of one core, at most all cores (+ sampling slack)
     for key in RATIOS:
         assert _positive(res["ratios"][key]), f"ratios.{key}"
     assert set(res["targets"]) and all(isinstance(v, bool) for v in res["targets"].values())
