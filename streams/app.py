@@ -6,8 +6,8 @@ hands it to :func:`bind` and runs the app.
 
 Per batch (events collected from ``stream.events()``, automatic acks off, while the previous batch was stepped, at
 most max_batch):
-    prepare (decode, dedup, step)  ->  publish output records, dead letters, re-keys (all sends in flight at once,
-    then awaited)  ->  write Redis (one pipeline)  ->  ack the batch's events; offsets are committed after that.
+    prepare (decode, dedup, step, hand output records, dead letters, re-keys to the producer)  ->  await their
+    delivery  ->  write Redis (one pipeline)  ->  ack the batch's events; offsets are committed after that.
 The stages overlap (:class:`BatchPipeline`): Faust collects while batch n+1 is stepped and batch n is written.
 A crash anywhere before the ack leaves the batch uncommitted: it is redelivered and the duplicates are skipped.
 """
@@ -107,11 +107,12 @@ def abandon(reason: str) -> None:
 
 
 class BatchPipeline:
-    """Faust's events -> batches -> two stages, one batch in each: step (prepare), then write (publish, Redis, ack).
+    """Faust's events -> batches -> two stages, one batch in each: step (prepare, records handed to the producer),
+    then write (await their delivery, Redis, ack).
 
     Batches form naturally: the step stage takes every event that arrived while it was busy (up to ``max_batch``), so
     batches grow under a backlog; only when it is idle does it wait, up to ``linger``, for a fuller batch. While batch n
-    is published and written, batch n+1 is stepped (building on n's states, see ``InterestProcessor.inflight``) and
+    is delivered and written, batch n+1 is stepped (building on n's states, see ``InterestProcessor.inflight``) and
     Faust keeps collecting. Each stage takes its batches in order, and events are acked only once their batch is in
     Redis, so committed offsets never pass an event that was not applied. A failure in either stage abandons the
     worker (nothing of its batch is acked).
@@ -171,7 +172,8 @@ class BatchPipeline:
                 messages = [e.message for e in events]
                 metrics.events_in.inc(len(messages))
                 metrics.batch_size.observe(len(messages))
-                plan = await processor.prepare(messages)
+                # the batch's records go to the producer at once: delivery overlaps the previous batch's Redis write
+                plan = await processor.prepare(messages, app.producer._ensure_producer())
             except Exception as exc:  # a bug: never ack what was not applied
                 log.exception("batch failed")
                 abandon(f"batch failed: {exc!r}")

@@ -123,8 +123,8 @@ class RecordBatches:
     """One batch's records, filled straight into aiokafka record batches per (topic, partition), then sent together.
 
     ``producer.send()`` (Faust's or aiokafka's) costs ~25 us a record: a future, signals, the accumulator's lookups.
-    Appending to a ``BatchBuilder`` costs a few; each builder goes out with one ``send_batch``. :meth:`flush` returns
-    once the broker has acknowledged every record (or raises the first delivery error).
+    Appending to a ``BatchBuilder`` costs a few; each builder goes out with one ``send_batch``. :meth:`send` hands them
+    over and returns their delivery futures; :meth:`flush` also waits until the broker has acknowledged every record.
     """
 
     def __init__(self, producer: Any) -> None:  # an aiokafka.AIOKafkaProducer, started
@@ -144,16 +144,23 @@ class RecordBatches:
             builder = self._open[tp] = self.producer.create_batch()
             builder.append(key=key, value=value, timestamp=None, headers=list(headers))
 
-    async def flush(self) -> None:
-        """Send every builder (one partition's in order, partitions concurrently) and await delivery of all."""
+    async def send(self) -> list[asyncio.Future]:
+        """Hand every builder to the producer (one partition's in order); returns their delivery futures at once.
+
+        aiokafka keeps one batch per partition in flight, so records sent by a later call are delivered after these.
+        """
         send_batch = self.producer.send_batch
 
         async def send_partition(tp: tuple[str, int]) -> list[asyncio.Future]:
             return [await send_batch(b, tp[0], partition=tp[1]) for b in (*self._full.get(tp, ()), self._open[tp])]
 
         sent = await asyncio.gather(*(send_partition(tp) for tp in self._open))
-        futures = [f for per_tp in sent for f in per_tp]
-        if futures:
-            await asyncio.gather(*futures)
         self._open.clear()
         self._full.clear()
+        return [f for per_tp in sent for f in per_tp]
+
+    async def flush(self) -> None:
+        """:meth:`send`, then await delivery of every record (raises the first delivery error)."""
+        futures = await self.send()
+        if futures:
+            await asyncio.gather(*futures)

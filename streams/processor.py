@@ -12,9 +12,11 @@ One call to :meth:`InterestProcessor.prepare` takes a batch of Kafka messages an
    batch in order, the users split into a few ORT calls of the Scan sequence graph (:func:`step_groups`);
 5. builds one output record per applied event and one Redis write per user (its newest state only).
 
-Nothing is written by ``prepare``: :meth:`InterestProcessor.finish` publishes the plan, then writes Redis, and the
-caller (:mod:`streams.app`) acks after that. The next batch may be prepared before that: it builds on the states of
-the plans not yet written.
+Nothing is written by ``prepare``. Given a producer, it hands the batch's records to it at the end (:meth:`send`)
+without waiting for their delivery; :meth:`InterestProcessor.finish` waits for it (or publishes the plan itself),
+then writes Redis, and the caller (:mod:`streams.app`) acks after that. The next batch may be prepared before that: it
+builds on the states of the plans not yet written, and its records are delivered after the earlier plan's (one batch
+per partition in flight), so a batch's delivery overlaps the previous batch's Redis write.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class BatchPlan:
     event_ts: list[float] = field(default_factory=list)  # per applied event
     duplicates: int = 0
     ort_seconds: float = 0.0
+    delivery: list[asyncio.Future] | None = None  # the records' delivery futures, once handed to a producer (send)
     batch_id: int = 0  # the step process's handle on the plan (streams.stepper); unused in-process
 
     @property
@@ -287,9 +290,9 @@ class InterestProcessor:
             self.metrics.users_cached.set(len(self.store.cache))
         return stale
 
-    async def publish(self, plan: BatchPlan, producer: Any) -> None:
-        """Send the plan's output records, dead letters and re-keys through ``producer`` (a started aiokafka
-        producer), all in flight at once; returns once the broker has them all."""
+    async def send(self, plan: BatchPlan, producer: Any) -> None:
+        """Hand the plan's output records, dead letters and re-keys to ``producer`` (a started aiokafka producer), all
+        in flight at once, without waiting for delivery (``plan.delivery``; :meth:`finish` waits for it)."""
         # straight into aiokafka's record batches: send() would cost ~25 us a record
         batches = RecordBatches(producer)
         add, partition_for = batches.add, self.partition_for  # the default partitioner's choice, memoised
@@ -308,7 +311,14 @@ class InterestProcessor:
             add(dlq_topic, partition_for(dlq_topic, dlq_key), msg.key, msg.value or b"", headers)
         for key, msg in plan.rekey:
             add(rekey_topic, partition_for(rekey_topic, key), key, msg.value)
-        await batches.flush()
+        plan.delivery = await batches.send()
+
+    async def publish(self, plan: BatchPlan, producer: Any) -> None:
+        """:meth:`send` (unless done already), then wait until the broker has every record of the plan."""
+        if plan.delivery is None:
+            await self.send(plan, producer)
+        if plan.delivery:
+            await asyncio.gather(*plan.delivery)
 
     async def finish(self, plan: BatchPlan, producer: Any) -> None:
         """The second half of a batch: publish (:meth:`publish`), then write Redis (:meth:`write`), then count.
@@ -336,7 +346,8 @@ class InterestProcessor:
                 len(plan.rekey),
             )
 
-    async def prepare(self, messages: Sequence[Message]) -> BatchPlan:
+    async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
+        """Steps 1-5 of the module docstring for one batch; with ``producer``, then :meth:`send` its records."""
         plan = BatchPlan()
         decode = self.decoder.decode
         accepted: list[tuple[Click, Message]] = []
@@ -352,7 +363,7 @@ class InterestProcessor:
                 continue
             accepted.append((click, msg))
         if not accepted:
-            return plan
+            return await self._sent(plan, producer)
 
         users = list(dict.fromkeys(c.user_id for c, _ in accepted))
         inflight = self.inflight
@@ -398,7 +409,7 @@ class InterestProcessor:
             row_slot.append(slot[click.user_id])
             row_round.append(r)
         if not rows:
-            return plan
+            return await self._sent(plan, producer)
 
         # step: one ONNX call per round, all users of the round together
         n = len(rows)
@@ -468,4 +479,9 @@ class InterestProcessor:
             plan.writes.append(UserWrite(prefix + u, fields, st.events))
             plan.states[u] = st
         inflight.update(plan.states)  # the next batch starts from these, before they reach Redis
+        return await self._sent(plan, producer)
+
+    async def _sent(self, plan: BatchPlan, producer: Any) -> BatchPlan:
+        if producer is not None:
+            await self.send(plan, producer)
         return plan

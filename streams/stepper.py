@@ -6,14 +6,16 @@ The worker's Python holds the GIL most of the time: Faust's consumer thread and 
 batch step (decode, dedup, output records, the producer and Redis clients) the rest, so in one interpreter they take
 turns on one core. :class:`StepperProcess` runs the :class:`~streams.processor.InterestProcessor`, its
 :class:`~streams.state.StateStore` and a producer of its own in a child process instead. The worker sends each
-batch's messages over a socket pair; the child steps the batch, publishes its records, writes Redis (in that order,
-the one the guarantees rest on) and says so; then the worker acks. Same code and guarantees, two interpreters.
+batch's messages over a socket pair; the child steps the batch and hands its records to its producer, then, asked to
+finish it, awaits their delivery and writes Redis (in that order, the one the guarantees rest on) and says so; then
+the worker acks. Same code and guarantees, two interpreters.
 ``INTEREST_STEP_PROCESS=false`` keeps everything in the worker's process.
 
 Frames: a 4-byte big-endian length, then a pickled tuple (both ends are this module).
     worker -> child   ("start", settings, {topic: partitions}), first
-                      ("prepare", id, rows)    rows: [(topic, partition, offset, key, value, timestamp), ...]
-                      ("finish", id)           publish batch id's records, then write it to Redis
+                      ("prepare", id, rows)    rows: [(topic, partition, offset, key, value, timestamp), ...];
+                                               step them and hand their records to the child's producer
+                      ("finish", id)           await delivery of batch id's records, then write it to Redis
                       ("drop",)                partitions were revoked: forget the cached states
     child -> worker   ("ready", info) or ("failed", error class, message), once at start
                       ("prepared", id, None)   ("finished", id, None)
@@ -159,8 +161,9 @@ class StepperProcess:
                 self._fail("the step process closed its socket")
         return await fut
 
-    async def prepare(self, messages: Sequence[Message]) -> BatchPlan:
-        """Have the child decode, de-duplicate and step the batch; returns a handle for :meth:`finish`."""
+    async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
+        """Have the child decode, de-duplicate and step the batch and hand its records to its producer; returns a
+        handle for :meth:`finish`. ``producer`` is not used: it is the in-process processor's."""
         self._next_id += 1
         batch_id = self._next_id
         rows = [(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
@@ -168,8 +171,8 @@ class StepperProcess:
         return BatchPlan(batch_id=batch_id)
 
     async def finish(self, plan: BatchPlan, producer: Any = None) -> None:
-        """Have the child publish the batch (with its own producer), then write it to Redis; returns when both are
-        done. ``producer`` is not used: it is the in-process processor's."""
+        """Have the child await delivery of the batch's records, then write it to Redis; returns when both are done.
+        ``producer`` is not used: it is the in-process processor's."""
         await self._call(("finish", plan.batch_id), "finished", plan.batch_id)
 
     def drop_cache(self) -> None:
@@ -294,7 +297,8 @@ async def serve(sock: socket.socket) -> int:
     async def preparing() -> None:
         while True:
             batch_id, rows = await to_prepare.get()
-            plans[batch_id] = await processor.prepare([RawMessage(*row) for row in rows])
+            # the records go to the producer at once: their delivery overlaps the previous batch's Redis write
+            plans[batch_id] = await processor.prepare([RawMessage(*row) for row in rows], producer)
             relay.flush()
             send(("prepared", batch_id, None))
             await writer.drain()

@@ -1,4 +1,4 @@
-"""The batch processor and the Redis state store, against a real Redis (no broker needed)."""
+"""The batch processor and the Redis state store, against a real Redis (and the real broker for its records)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import orjson
 import pytest
 
 from export.runtime import StepSession
+from streams.kafka import ensure_topics, output_producer
 from streams.lookup import bar_chart, get_interests
 from streams.processor import InterestProcessor
 from streams.state import StateStore
-from tests.streams.harness import raw_messages
+from tests.streams.harness import consume_all, raw_messages
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +63,38 @@ def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
     resent = asyncio.run(_run(make(), raw_messages(settings, events, start=10)))
     assert resent.applied == 0 and resent.duplicates == 3
     assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
+
+
+def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, trained_model, rclient) -> None:
+    """prepare(..., producer) hands a batch's records over at once, so their delivery overlaps the previous batch's
+    Redis write; Redis is written only by finish, after delivery; two batches' records arrive in order."""
+    settings = settings_for()
+    session = StepSession(trained_model, device="cpu")
+    store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+    proc = InterestProcessor(session, store, settings, session.load_catalog(), ensure_topics(settings))
+    events = [{"user_id": "p", "item_id": str(i), "ts": 100 + i, "event_id": f"p{i}"} for i in range(1, 7)]
+    msgs = raw_messages(settings, events)
+    key = settings.redis_prefix + "p"
+
+    async def run() -> None:
+        producer = output_producer(settings)
+        await producer.start()
+        try:
+            first = await proc.prepare(msgs[:3], producer)
+            second = await proc.prepare(msgs[3:], producer)  # stepped on the first batch's states, not yet in Redis
+            assert first.delivery and second.delivery
+            await asyncio.wait_for(asyncio.gather(*first.delivery, *second.delivery), 30)
+            assert not rclient.exists(key)  # delivered, not written
+            await proc.finish(first, producer)
+            assert int(rclient.hget(key, "events")) == 3
+            await proc.finish(second, producer)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+    assert int(rclient.hget(key, "events")) == 6
+    out = consume_all(settings.kafka_bootstrap, settings.output_topic, len(events))
+    assert [orjson.loads(r.value)["event_id"] for r in out] == [e["event_id"] for e in events]
 
 
 def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
