@@ -124,7 +124,7 @@ class RecordBatches:
 
     ``producer.send()`` (Faust's or aiokafka's) costs ~25 us a record: a future, signals, the accumulator's lookups.
     Appending to a ``BatchBuilder`` costs a few; each builder goes out with one ``send_batch``. :meth:`send` hands them
-    over and returns their delivery futures; :meth:`flush` also waits until the broker has acknowledged every record.
+    over and returns their delivery futures (each resolves once the broker has acknowledged its records).
     """
 
     def __init__(self, producer: Any) -> None:  # an aiokafka.AIOKafkaProducer, started
@@ -158,9 +158,3 @@ class RecordBatches:
         self._open.clear()
         self._full.clear()
         return [f for per_tp in sent for f in per_tp]
-
-    async def flush(self) -> None:
-        """:meth:`send`, then await delivery of every record (raises the first delivery error)."""
-        futures = await self.send()
-        if futures:
-            await asyncio.gather(*futures)
