@@ -29,7 +29,7 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    ``latency_transport_ms`` = the transport alone at the same rate: the same paced producer into a fresh topic, read
    by a bare aiokafka consumer in its own process (``python -m streams.bench floor-consumer``, the worker's fetch
    settings, no group), produce -> consumed. The worker cannot be faster than this floor. ``latency_faust_ms`` =
-   Faust alone at the same rate: the no-op agent (``noop-worker --latency-after N``) iterating ``stream.events()``,
+   Faust alone at the same rate: the no-op agent (``noop-worker --latency``) iterating ``stream.events()``,
    produce -> the agent has the event, where the worker's pipeline starts. ``latency_cpu_pct`` = CPU used during the
    latency run (``psutil``, % of one core): the machine, the worker with its step process, the bench's producer.
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
@@ -629,70 +629,56 @@ class Bench:
         log(f"latency at {offered:,.0f} ev/s: to Redis {redis_q}, to output {result['output_ms']}; CPU {cpu.result}")
         return result
 
-    def latency_floor(self, ds, rate: float, seconds: float) -> dict:
-        """The transport alone at the latency run's rate: the same paced producer into a fresh topic, read by a bare
-        aiokafka consumer in its own process (the worker's fetch settings, no group, no worker); produce -> consumed."""
+    def latency_floor(self, ds, rate: float, seconds: float, warmup: int) -> dict:
+        """The transport alone at the latency run's rate: a bare aiokafka consumer in its own process
+        (``floor-consumer``: the worker's fetch settings, no group); produce -> consumed."""
+        r, offered, cpu = self.paced_probe(ds, "floor", "floor-consumer", (), rate, seconds, warmup)
+        log(f"transport floor at {offered:,.0f} ev/s: {r['latency_ms']}; CPU {cpu}")
+        return {"offered_eps": offered, "events": r["events"], "consumed_ms": r["latency_ms"], "cpu_pct": cpu}
+
+    def latency_faust(self, ds, rate: float, seconds: float, warmup: int) -> dict:
+        """Faust alone at the latency run's rate: the no-op agent iterating ``stream.events()`` (``noop-worker
+        --latency``, its own process, the worker's Faust settings); produce -> the agent has the event. The worker's
+        pipeline starts where this ends."""
+        group = ("--group", f"bench-{self.run_id}-noop-latency", "--latency")
+        r, offered, cpu = self.paced_probe(ds, "faustlat", "noop-worker", group, rate, seconds, warmup)
+        log(f"Faust alone at {offered:,.0f} ev/s: {r['latency_ms']}; CPU {cpu}")
+        return {"offered_eps": offered, "events": r["events"], "agent_ms": r["latency_ms"], "cpu_pct": cpu}
+
+    def paced_probe(
+        self, ds, tag: str, command: str, args: Iterable[str], rate: float, seconds: float, warmup: int
+    ) -> tuple[dict, float, dict]:
+        """A consumer subcommand (``command ARGS``, its own process) timed on a fresh topic: ``warmup`` events sent
+        at once until it says it has them (its ``.ready`` file), then ``rate * seconds`` paced by
+        :func:`paced_send` while the CPU is sampled, until it writes its result. Returns (its result, the rate
+        achieved, the CPU use)."""
         from streams.kafka import ensure_topics
 
-        env = self.names("floor")
-        settings = self.settings(env)
+        settings = self.settings(self.names(tag))
         ensure_topics(settings)
+        topic = settings.input_topic
         n = max(500, int(rate * seconds))
-        result = self.logs / "floor-result.json"
+        warmup = max(1, warmup)  # the command says it is ready once it has them
+        result = self.logs / f"{command}-result.json"
         ready = result.with_suffix(".ready")
         result.unlink(missing_ok=True)
         ready.unlink(missing_ok=True)
-        proc = self.spawn(
-            "floor-consumer", "--topic", settings.input_topic, "--expect", str(n), "--result", str(result)
-        )
-        try:
-            wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the floor consumer's assignment")
-            events = itertools.islice(looped_events(ds, loops=1 + n // len(ds.events)), n)
-            with CpuUse([proc.pid]) as cpu:
-                offered = paced_send(self.bootstrap, settings.input_topic, events, rate)
-                wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, "the floor consumer")
-        finally:
-            stop_all([proc], 10)
-        if not result.exists():
-            from models.errors import ServiceError
-
-            raise ServiceError(f"floor consumer failed; see {self.logs / 'floor-consumer.log'}")
-        r = json.loads(result.read_text())
-        log(f"transport floor at {offered:,.0f} ev/s: {r['consumed_ms']}; CPU {cpu.result}")
-        return {"offered_eps": offered, "events": n, "consumed_ms": r["consumed_ms"], "cpu_pct": cpu.result}
-
-    def latency_faust(self, ds, rate: float, seconds: float, warmup: int) -> dict:
-        """Faust alone at the latency run's rate: the same paced producer into a fresh topic, read by the no-op agent
-        iterating ``stream.events()`` (``noop-worker --latency``, its own process, the worker's Faust settings);
-        produce -> the agent has the event. The worker's pipeline starts where this ends."""
-        from streams.kafka import ensure_topics
-
-        env = self.names("faustlat")
-        settings = self.settings(env)
-        ensure_topics(settings)
-        n = max(500, int(rate * seconds))
-        result = self.logs / "noop-latency.json"
-        warm = result.with_suffix(".warm")
-        result.unlink(missing_ok=True)
-        warm.unlink(missing_ok=True)
-        args = ("--topic", settings.input_topic, "--group", env["INTEREST_APP_ID"], "--result", str(result))
-        proc = self.spawn("noop-worker", *args, "--expect", str(warmup + n), "--latency-after", str(warmup))
+        counts = ("--expect", str(warmup + n), "--skip", str(warmup))
+        proc = self.spawn(command, "--topic", topic, "--result", str(result), *counts, *args)
         events = looped_events(ds, loops=2 + (n + warmup) // len(ds.events))
         try:
-            paced_send(self.bootstrap, settings.input_topic, itertools.islice(events, warmup), None)
-            wait_for(lambda: warm.exists() or proc.poll() is not None, 120, "the Faust no-op agent's warm-up", 0.2)
+            paced_send(self.bootstrap, topic, itertools.islice(events, warmup), None)
+            wait_for(lambda: ready.exists() or proc.poll() is not None, 120, f"the {command}'s warm-up", 0.2)
             with CpuUse([proc.pid]) as cpu:
-                offered = paced_send(self.bootstrap, settings.input_topic, itertools.islice(events, n), rate)
-                wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, "the Faust no-op agent")
+                offered = paced_send(self.bootstrap, topic, itertools.islice(events, n), rate)
+                wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, f"the {command}")
         finally:
             stop_all([proc], 10)
         if not result.exists():
             from models.errors import ServiceError
 
-            raise ServiceError(f"noop worker failed; see {self.logs / 'noop-worker.log'}")
-        r = json.loads(result.read_text())
-        log(f"Faust alone at {offered:,.0f} ev/s: {r['agent_ms']}; CPU {cpu.result}")
-        return {"offered_eps": offered, "events": r["events"], "agent_ms": r["agent_ms"], "cpu_pct": cpu.result}
+            raise ServiceError(f"{command} failed; see {self.logs / f'{command}.log'}")
+        return json.loads(result.read_text()), offered, cpu.result
 
 
 def paced_send(
@@ -1100,7 +1086,7 @@ def run(args: argparse.Namespace) -> int:
         r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
-        r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds)
+        r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["faust_latency"] = bench.latency_faust(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
 
         for tag, users in (("u1k", 1000), ("u1m", 1_000_000)):
@@ -1140,12 +1126,8 @@ def noop_worker(argv: list[str]) -> int:
     ap.add_argument("--expect", type=int, required=True)
     ap.add_argument("--result", type=Path, required=True)
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH)
-    ap.add_argument(
-        "--latency-after",
-        type=int,
-        default=None,
-        help="latency mode: iterate stream.events() and time produce -> agent for the events after this many",
-    )
+    ap.add_argument("--skip", type=int, default=0, help="with --latency: events not timed (the warm-up)")
+    ap.add_argument("--latency", action="store_true", help="iterate stream.events() and time produce -> agent")
     a = ap.parse_args(argv)
 
     import faust
@@ -1182,12 +1164,12 @@ def noop_worker(argv: list[str]) -> int:
         seen = 0
         async for event in stream.events():
             seen += 1
-            if seen > a.latency_after:
+            if seen > a.skip:
                 lat.append(time.time() - event.message.timestamp)  # Faust's timestamp is in seconds
-            elif seen == a.latency_after:
-                a.result.with_suffix(".warm").touch()
+            if seen == a.skip:
+                a.result.with_suffix(".ready").touch()
             if seen == a.expect:
-                finish({"events": len(lat), "agent_ms": quantiles_ms(lat)})
+                finish({"events": len(lat), "latency_ms": quantiles_ms(lat)})
 
     async def sink(stream):
         async for events in stream.take_events(a.max_batch, within=defaults.max_latency_ms / 1000):
@@ -1208,7 +1190,7 @@ def noop_worker(argv: list[str]) -> int:
                 }
                 finish(out)
 
-    app.agent(topic, name="sink")(timed if a.latency_after is not None else sink)
+    app.agent(topic, name="sink")(timed if a.latency else sink)
 
     worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False, override_logging=False)
     try:
@@ -1227,6 +1209,7 @@ def floor_consumer(argv: list[str]) -> int:
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--expect", type=int, required=True)
+    ap.add_argument("--skip", type=int, default=0, help="events not timed (the warm-up)")
     ap.add_argument("--result", type=Path, required=True)
     a = ap.parse_args(argv)
 
@@ -1245,17 +1228,18 @@ def floor_consumer(argv: list[str]) -> int:
         )
         await c.start()
         lat: list[float] = []
+        seen = 0
         try:
-            while not c.assignment():
-                await asyncio.sleep(0.05)
-            a.result.with_suffix(".ready").touch()
-            while len(lat) < a.expect:
+            while seen < a.expect:
                 for records in (await c.getmany(timeout_ms=1000)).values():
                     now = time.time()
-                    lat.extend(now - rec.timestamp / 1e3 for rec in records)
+                    lat.extend(now - rec.timestamp / 1e3 for rec in records[max(0, a.skip - seen) :])
+                    seen += len(records)
+                    if seen >= a.skip and not a.result.with_suffix(".ready").exists():
+                        a.result.with_suffix(".ready").touch()
         finally:
             await c.stop()
-        return {"events": len(lat), "consumed_ms": quantiles_ms(lat)}
+        return {"events": len(lat), "latency_ms": quantiles_ms(lat)}
 
     out = asyncio.run(go())
     tmp = a.result.with_suffix(".tmp")
