@@ -6,16 +6,16 @@ The worker's Python holds the GIL most of the time: Faust's consumer thread and 
 batch step (decode, dedup, output records, the producer and Redis clients) the rest, so in one interpreter they take
 turns on one core. :class:`StepperProcess` runs the :class:`~streams.processor.InterestProcessor`, its
 :class:`~streams.state.StateStore` and a producer of its own in a child process instead. The worker sends each
-batch's messages over a socket pair; the child steps the batch and hands its records to its producer, then, asked to
-finish it, awaits their delivery and writes Redis (in that order, the one the guarantees rest on) and says so; then
-the worker acks. Same code and guarantees, two interpreters.
+batch's messages over a socket pair; the child steps the batch, hands its records to its producer and says so, then
+awaits their delivery and writes Redis (in that order, the one the guarantees rest on) and says so; then the worker
+acks. Same code and guarantees, two interpreters.
 ``INTEREST_STEP_PROCESS=false`` keeps everything in the worker's process.
 
 Frames: a 4-byte big-endian length, then a pickled tuple (both ends are this module).
     worker -> child   ("start", settings, {topic: partitions}), first
                       ("prepare", id, rows)    rows: [(topic, partition, offset, key, value, timestamp), ...];
-                                               step them and hand their records to the child's producer
-                      ("finish", id)           await delivery of batch id's records, then write it to Redis
+                                               step them and hand their records to the child's producer, then
+                                               (in batch order) await their delivery and write the batch to Redis
                       ("drop",)                partitions were revoked: forget the cached states
     child -> worker   ("ready", info) or ("failed", error class, message), once at start
                       ("prepared", id, None)   ("finished", id, None)
@@ -85,6 +85,7 @@ class StepperProcess:
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
         self._failed: str | None = None
         self._next_id = 0
+        self._finished: dict[int, asyncio.Future] = {}  # batch id -> its "finished" reply, from prepare to finish
         self._reading: asyncio.Task | None = None
         self._connecting: asyncio.Task | None = None
 
@@ -145,35 +146,46 @@ class StepperProcess:
                 fut.set_exception(ServiceError(why))
         self._waiting.clear()
 
-    async def _call(self, frame: tuple, reply: str, batch_id: int):
+    def _expect(self, reply: str, batch_id: int) -> asyncio.Future:
+        """A future for the child's ``(reply, batch_id)`` frame, registered before the request goes out."""
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure no caller awaited is not an error
+        self._waiting[(reply, batch_id)] = fut
+        return fut
+
+    async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
+        """Have the child decode, de-duplicate and step the batch and hand its records to its producer (then finish
+        it on its own: see :meth:`finish`); returns a handle for :meth:`finish`. ``producer`` is not used: it is the
+        in-process processor's."""
         if self._failed:
             raise ServiceError(self._failed)
         if self._writer is None:
             await self.start()
         assert self._writer is not None
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting[(reply, batch_id)] = fut
-        try:
-            self._writer.write(_frame(frame))
-            await self._writer.drain()
-        except OSError:  # the child is gone; the reader says how once it sees the end of the socket
-            if not fut.done():
-                self._fail("the step process closed its socket")
-        return await fut
-
-    async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
-        """Have the child decode, de-duplicate and step the batch and hand its records to its producer; returns a
-        handle for :meth:`finish`. ``producer`` is not used: it is the in-process processor's."""
         self._next_id += 1
         batch_id = self._next_id
+        prepared = self._expect("prepared", batch_id)
+        self._finished[batch_id] = self._expect("finished", batch_id)
         rows = [(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
-        await self._call(("prepare", batch_id, rows), "prepared", batch_id)
+        try:
+            self._writer.write(_frame(("prepare", batch_id, rows)))
+            await self._writer.drain()
+        except OSError:  # the child is gone; the reader says how once it sees the end of the socket
+            if not prepared.done():
+                self._fail("the step process closed its socket")
+        await prepared
         return BatchPlan(batch_id=batch_id)
 
     async def finish(self, plan: BatchPlan, producer: Any = None) -> None:
-        """Have the child await delivery of the batch's records, then write it to Redis; returns when both are done.
-        ``producer`` is not used: it is the in-process processor's."""
-        await self._call(("finish", plan.batch_id), "finished", plan.batch_id)
+        """Wait until the child has awaited delivery of the batch's records and then written it to Redis.
+
+        The child goes on to that by itself once the batch is stepped, in batch order, without a round trip through
+        this (busy) process. ``producer`` is not used: it is the in-process processor's.
+        """
+        fut = self._finished.pop(plan.batch_id)
+        if self._failed and not fut.done():
+            raise ServiceError(self._failed)
+        await fut
 
     def drop_cache(self) -> None:
         """Partitions moved: the child forgets its cached states."""
@@ -301,6 +313,7 @@ async def serve(sock: socket.socket) -> int:
             plans[batch_id] = await processor.prepare([RawMessage(*row) for row in rows], producer)
             relay.flush()
             send(("prepared", batch_id, None))
+            to_finish.put_nowait(batch_id)  # the worker always finishes what it prepared: no need to wait for it
             await writer.drain()
 
     async def finishing() -> None:
@@ -321,7 +334,7 @@ async def serve(sock: socket.socket) -> int:
     tasks = [asyncio.ensure_future(preparing()), asyncio.ensure_future(finishing())]
     for task in tasks:
         task.add_done_callback(check)
-    reading = asyncio.ensure_future(_serve_frames(reader, processor, to_prepare, to_finish))
+    reading = asyncio.ensure_future(_serve_frames(reader, processor, to_prepare))
     await asyncio.wait([reading, asyncio.ensure_future(failed.wait())], return_when=asyncio.FIRST_COMPLETED)
     for task in [*tasks, reading]:
         task.cancel()
@@ -333,7 +346,7 @@ async def serve(sock: socket.socket) -> int:
     return 70 if failed.is_set() else 0
 
 
-async def _serve_frames(reader: asyncio.StreamReader, processor, to_prepare: asyncio.Queue, to_finish: asyncio.Queue):
+async def _serve_frames(reader: asyncio.StreamReader, processor, to_prepare: asyncio.Queue) -> None:
     """Route the worker's frames until it closes the socket."""
     while True:
         try:
@@ -343,8 +356,6 @@ async def _serve_frames(reader: asyncio.StreamReader, processor, to_prepare: asy
         kind = frame[0]
         if kind == "prepare":
             to_prepare.put_nowait((frame[1], frame[2]))
-        elif kind == "finish":
-            to_finish.put_nowait(frame[1])
         elif kind == "drop":
             processor.drop_cache()
 
