@@ -108,28 +108,6 @@ def default_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-class Partitioner:
-    """The partition Kafka's default partitioner picks for a key on each topic of ``partitions`` (topic -> count)."""
-
-    def __init__(self, partitions: dict[str, int] | None = None) -> None:
-        self.partitions = partitions or {}
-        self._hash: dict[bytes, int] = {}
-
-    def key_hash(self, key: bytes) -> int:
-        """murmur2(key) & 0x7fffffff, memoised (aiokafka's murmur2 is pure Python: ~5 us a call)."""
-        h = self._hash.get(key)
-        if h is None:
-            if len(self._hash) > 1_000_000:
-                self._hash.clear()
-            h = self._hash[key] = murmur2(key) & 0x7FFFFFFF
-        return h
-
-    def partition_for(self, topic: str, key: bytes) -> int | None:
-        """The partition for ``key`` on ``topic`` (None if the topic's partition count is unknown)."""
-        n = self.partitions.get(topic)
-        return self.key_hash(key) % n if n else None
-
-
 # Cost model of one ORT call over a (users, T) block, measured with artifacts of `python -m export.sequence` on the
 # 2-core development machine (one intra-op thread): ~30 us per time step plus ~2.8 us per user-step, plus a fixed
 # cost per call (Python, the thread's GIL hand-back while the event loop is busy).
@@ -229,8 +207,7 @@ class InterestProcessor:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.partitioner = Partitioner(partitions)
-        self.partition_for = self.partitioner.partition_for
+        self.partitions = partitions or {}
         self.version = meta.version
         self.categories = list(meta.categories)
         self.top_n = min(settings.top_n, len(self.categories))
@@ -238,12 +215,27 @@ class InterestProcessor:
         self.h0 = np.asarray(meta.h0, dtype=np.float32)
         self.c0 = np.asarray(meta.c0, dtype=np.float32)
         self.decoder = decoder_for(session, settings, catalog)
+        self._hash: dict[bytes, int] = {}
         self.info: dict[str, object] = {}  # what the worker logs about the model (set by from_settings)
         # states of batches prepared but not yet written: the next batch builds on them (see write())
         self.inflight: dict[str, UserState] = {}
         self.stepper = BatchStepper(session, settings.ort_threads or None)
         # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
         self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step") if step_in_thread else None
+
+    def key_hash(self, key: bytes) -> int:
+        """murmur2(key) & 0x7fffffff, memoised (aiokafka's murmur2 is pure Python: ~5 us a call)."""
+        h = self._hash.get(key)
+        if h is None:
+            if len(self._hash) > 1_000_000:
+                self._hash.clear()
+            h = self._hash[key] = murmur2(key) & 0x7FFFFFFF
+        return h
+
+    def partition_for(self, topic: str, key: bytes) -> int | None:
+        """The partition Kafka's default partitioner picks for ``key`` on ``topic`` (None if the count is unknown)."""
+        n = self.partitions.get(topic)
+        return self.key_hash(key) % n if n else None
 
     @classmethod
     def from_settings(

@@ -44,7 +44,7 @@ from typing import Any
 from models import errors
 from models.errors import InterestStreamError, ServiceError
 from streams.metrics import Metrics
-from streams.processor import BatchPlan, Message, Partitioner, RawMessage
+from streams.processor import BatchPlan, Message, RawMessage
 from streams.settings import Settings
 from streams.worker import logging_config, quiet_gc
 
@@ -74,7 +74,6 @@ class StepperProcess:
 
     def __init__(self, settings: Settings, partitions: dict[str, int], metrics: Metrics, timeout: float = 120.0):
         self.metrics = metrics
-        self.partition_for = Partitioner(partitions).partition_for
         self.sock, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "streams.stepper", "--fd", str(theirs.fileno()), "--parent", str(os.getpid())]
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
@@ -182,10 +181,7 @@ class StepperProcess:
         The child goes on to that by itself once the batch is stepped, in batch order, without a round trip through
         this (busy) process. ``producer`` is not used: it is the in-process processor's.
         """
-        fut = self._finished.pop(plan.batch_id)
-        if self._failed and not fut.done():
-            raise ServiceError(self._failed)
-        await fut
+        await self._finished.pop(plan.batch_id)  # failed with ServiceError if the child failed first
 
     def drop_cache(self) -> None:
         """Partitions moved: the child forgets its cached states."""
@@ -301,25 +297,24 @@ async def serve(sock: socket.socket) -> int:
     send(("ready", processor.info))
     quiet_gc()  # as the worker does: start-up's objects stay out of full collections
 
-    plans: dict[int, BatchPlan] = {}
     to_prepare: asyncio.Queue[tuple[int, list]] = asyncio.Queue()
-    to_finish: asyncio.Queue[int] = asyncio.Queue()
+    to_finish: asyncio.Queue[tuple[int, BatchPlan]] = asyncio.Queue()
     failed = asyncio.Event()
 
     async def preparing() -> None:
         while True:
             batch_id, rows = await to_prepare.get()
             # the records go to the producer at once: their delivery overlaps the previous batch's Redis write
-            plans[batch_id] = await processor.prepare([RawMessage(*row) for row in rows], producer)
+            plan = await processor.prepare([RawMessage(*row) for row in rows], producer)
             relay.flush()
             send(("prepared", batch_id, None))
-            to_finish.put_nowait(batch_id)  # the worker always finishes what it prepared: no need to wait for it
+            to_finish.put_nowait((batch_id, plan))  # the worker always finishes what it prepared: no need to wait
             await writer.drain()
 
     async def finishing() -> None:
         while True:
-            batch_id = await to_finish.get()
-            await processor.finish(plans.pop(batch_id), producer)
+            batch_id, plan = await to_finish.get()
+            await processor.finish(plan, producer)
             relay.flush()
             send(("finished", batch_id, None))
             await writer.drain()
