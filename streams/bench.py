@@ -1114,6 +1114,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_result(path: Path, out: dict) -> None:
+    """A hidden subcommand's result, written whole (the bench waits for the file to appear)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # hidden subcommand: the Faust no-op agent (its own process, like the worker)
 
@@ -1154,11 +1161,6 @@ def noop_worker(argv: list[str]) -> int:
     topic = app.topic(a.topic, key_serializer="raw", value_serializer="raw")
     state = {"n": 0, "batches": 0, "first": None, "first_batch": 0, "done": False}
 
-    def finish(out: dict) -> None:
-        tmp = a.result.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(a.result)
-
     async def timed(stream):
         lat: list[float] = []
         seen = 0
@@ -1169,7 +1171,7 @@ def noop_worker(argv: list[str]) -> int:
             if seen == a.skip:
                 a.result.with_suffix(".ready").touch()
             if seen == a.expect:
-                finish({"events": len(lat), "latency_ms": quantiles_ms(lat)})
+                write_result(a.result, {"events": len(lat), "latency_ms": quantiles_ms(lat)})
 
     async def sink(stream):
         async for events in stream.take_events(a.max_batch, within=defaults.max_latency_ms / 1000):
@@ -1188,7 +1190,7 @@ def noop_worker(argv: list[str]) -> int:
                     "first_batch": state["first_batch"],
                     "last": now,
                 }
-                finish(out)
+                write_result(a.result, out)
 
     app.agent(topic, name="sink")(timed if a.latency else sink)
 
@@ -1241,10 +1243,7 @@ def floor_consumer(argv: list[str]) -> int:
             await c.stop()
         return {"events": len(lat), "latency_ms": quantiles_ms(lat)}
 
-    out = asyncio.run(go())
-    tmp = a.result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(a.result)
+    write_result(a.result, asyncio.run(go()))
     return 0
 
 
