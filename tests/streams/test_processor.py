@@ -65,13 +65,11 @@ def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
     assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
 
 
-def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, trained_model, rclient) -> None:
+def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rclient) -> None:
     """prepare(..., producer) hands a batch's records over at once, so their delivery overlaps the previous batch's
     Redis write; Redis is written only by finish, after delivery; two batches' records arrive in order."""
-    settings = settings_for()
-    session = StepSession(trained_model, device="cpu")
-    store = StateStore(settings, session.meta.version, session.meta.hidden_size)
-    proc = InterestProcessor(session, store, settings, session.load_catalog(), ensure_topics(settings))
+    settings = settings_for(device="cpu")
+    proc = InterestProcessor.from_settings(settings, ensure_topics(settings))
     events = [{"user_id": "p", "item_id": str(i), "ts": 100 + i, "event_id": f"p{i}"} for i in range(1, 7)]
     msgs = raw_messages(settings, events)
     key = settings.redis_prefix + "p"

@@ -20,15 +20,20 @@ def _oracle(events, trained_model, settings, rclient):
     return report
 
 
+def _apply_all(worker, names, kafka_bootstrap: str, rclient, events: list[dict]) -> None:
+    """Produce ``events`` and wait until all are in Redis, as the worker's own applied counter says too."""
+    produce(kafka_bootstrap, names.input_topic, events)
+    wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "all events applied")
+    assert worker.metric("interest_events_applied_total") == len(events)
+
+
 def test_many_users_match_offline_replay(
     names, kafka_bootstrap, redis_url, trained_model, data_dir, rclient, settings_for, tmp_path
 ):
     events = ml_events(data_dir, 6000)
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path, INTEREST_LOG_FORMAT="json")
     try:
-        produce(kafka_bootstrap, names.input_topic, events)
-        wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "all events applied")
-        assert worker.metric("interest_events_applied_total") == len(events)
+        _apply_all(worker, names, kafka_bootstrap, rclient, events)
     finally:
         assert worker.stop() == 0, worker.output()[-3000:]
     # structured logs: one JSON object per line (Faust's own lines included)
@@ -153,9 +158,7 @@ def test_worker_without_a_step_process_matches_offline_replay(
     events = ml_events(data_dir, 2000)
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path, INTEREST_STEP_PROCESS="false")
     try:
-        produce(kafka_bootstrap, names.input_topic, events)
-        wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "all events applied")
-        assert worker.metric("interest_events_applied_total") == len(events)
+        _apply_all(worker, names, kafka_bootstrap, rclient, events)
         assert "batches stepped in the worker's process" in worker.output()
     finally:
         assert worker.stop() == 0
