@@ -65,6 +65,7 @@ app = faust.App(
     broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
     broker_credentials=broker_credentials(settings),
     store="memory://",
+    datadir=str(settings.data_dir / "{conf.id}-data"),
     topic_partitions=settings.partitions,
     topic_disable_leader=True,
     # > 0 keeps Faust's own assignor (without tables Faust would fall back to round-robin): it co-partitions the

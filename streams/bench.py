@@ -233,6 +233,7 @@ class Bench:
             "INTEREST_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S,
             "INTEREST_WEB_PORT": "0",
             "INTEREST_DEVICE": "cpu",
+            "INTEREST_DATA_DIR": str((self.logs / "faust").resolve()),
         }
 
     @staticmethod
@@ -1148,6 +1149,7 @@ def noop_worker(argv: list[str]) -> int:
         a.group,
         broker=f"kafka://{a.bootstrap}",
         store="memory://",
+        datadir=str(a.result.parent / "{conf.id}-data"),
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=float(SESSION_TIMEOUT_S),

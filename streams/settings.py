@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     """Prometheus metrics HTTP port (0 disables)."""
     web_port: int = Field(6066, ge=0, le=65535)
     """Faust's own web server port (stats); 0 disables."""
+    data_dir: Path = Path(".run/faust")
+    """Faust's data directory (``<app_id>-data`` inside it); it holds no state here, since state lives in Redis."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level."""
     log_format: Literal["json", "text"] = "text"

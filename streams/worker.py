@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     )
     faust_app.bind(processor, metrics)
     metrics.serve(settings.metrics_port)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
 
     import faust
 

@@ -53,6 +53,7 @@ class Names:
     """Per-test topic names, consumer group and Redis key prefix, so tests never see each other's data."""
 
     suffix: str
+    data_dir: Path  # Faust's data directories, in the session's temporary folder
 
     @property
     def input_topic(self) -> str:
@@ -89,12 +90,13 @@ class Names:
             "INTEREST_REKEY_TOPIC": self.rekey_topic,
             "INTEREST_APP_ID": self.app_id,
             "INTEREST_REDIS_PREFIX": self.redis_prefix,
+            "INTEREST_DATA_DIR": str(self.data_dir),
         }
 
 
 @pytest.fixture
-def names() -> Names:
-    return Names(uuid.uuid4().hex[:10])
+def names(run_dir: Path) -> Names:
+    return Names(uuid.uuid4().hex[:10], run_dir / "faust")
 
 
 @pytest.fixture(scope="session")
