@@ -14,5 +14,7 @@ COPY export ./export
 RUN pip install . && if [ -n "$ORT_EXTRAS" ]; then pip install "onnxruntime-gpu${ORT_EXTRAS}==1.31.1"; fi
 RUN useradd --create-home --uid 10001 interest
 USER interest
+# Faust creates its data directory at start; /app belongs to root
+ENV INTEREST_DATA_DIR=/home/interest/faust
 EXPOSE 9108 6066
 CMD ["interest-stream", "worker"]
