@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 
 import faust
 
@@ -125,11 +126,13 @@ class BatchPipeline:
         self.linger = linger
         self.pending: list[faust.EventT] = []  # collected, not yet stepped
         self.first_at = 0.0  # loop time the oldest pending event arrived
+        self.first_seen: tuple[float, float] | None = None  # its produce and arrival times (epoch s), if known
+        self.stage = {s: metrics.batch_stage_seconds.labels(s) for s in ("consume", "collect", "step", "write")}
         self.arrived = asyncio.Event()  # pending is not empty
         self.full = asyncio.Event()  # pending holds max_batch events
         self.room = asyncio.Event()  # pending is below max_batch
         self.room.set()
-        self.to_write: asyncio.Queue[tuple[list, BatchPlan]] = asyncio.Queue(maxsize=1)
+        self.to_write: asyncio.Queue[tuple[list, BatchPlan, float]] = asyncio.Queue(maxsize=1)  # + when stepped
         self.busy = 0  # batches taken and not yet written
         self.idle = asyncio.Event()
         self.idle.set()
@@ -141,6 +144,7 @@ class BatchPipeline:
         pending.append(event)
         if len(pending) == 1:
             self.first_at = asyncio.get_running_loop().time()
+            self.first_seen = (event.message.timestamp, time.time())
             self.arrived.set()
             self.idle.clear()
         if len(pending) >= self.max_batch:
@@ -151,6 +155,13 @@ class BatchPipeline:
     def _take(self) -> list:
         events = self.pending[: self.max_batch]
         del self.pending[: self.max_batch]
+        taken = time.time()
+        if self.first_seen is not None:
+            produced, seen = self.first_seen
+            if produced > 0:  # a record without a timestamp has -1
+                self.stage["consume"].observe(max(0.0, seen - produced))
+            self.stage["collect"].observe(taken - seen)
+        self.first_seen = None  # the next batch's first event, if already waiting, arrived behind this one
         if not self.pending:
             self.arrived.clear()
         if len(self.pending) < self.max_batch:
@@ -173,19 +184,23 @@ class BatchPipeline:
                 messages = [e.message for e in events]
                 metrics.events_in.inc(len(messages))
                 metrics.batch_size.observe(len(messages))
+                taken = time.perf_counter()
                 # the batch's records go to the producer at once: delivery overlaps the previous batch's Redis write
                 plan = await processor.prepare(messages, app.producer._ensure_producer())
+                stepped = time.perf_counter()
+                self.stage["step"].observe(stepped - taken)
             except Exception as exc:  # a bug: never ack what was not applied
                 log.exception("batch failed")
                 abandon(f"batch failed: {exc!r}")
-            await self.to_write.put((events, plan))
+            await self.to_write.put((events, plan, stepped))
 
     async def _write(self) -> None:
         ack = self.stream.ack
         while True:
-            events, plan = await self.to_write.get()
+            events, plan, stepped = await self.to_write.get()
             try:
                 await processor.finish(plan, app.producer._ensure_producer())
+                self.stage["write"].observe(time.perf_counter() - stepped)
                 for event in events:
                     await ack(event)
             except Exception as exc:  # an unrecoverable broker or Redis error: never ack what was not applied

@@ -32,6 +32,8 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    Faust alone at the same rate: the no-op agent (``noop-worker --latency``) iterating ``stream.events()``,
    produce -> the agent has the event, where the worker's pipeline starts. ``latency_cpu_pct`` = CPU used during the
    latency run (``psutil``, % of one core): the machine, the worker with its step process, the bench's producer.
+   ``latency_stages_ms`` = where a batch's time went, per batch, from the worker's ``interest_batch_stage_seconds``
+   (consume: its first event from produce to the agent; collect; step; write: delivered and in Redis).
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
    1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
    costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
@@ -53,6 +55,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -109,14 +112,19 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def histogram_buckets(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
-    """[(upper edge, cumulative count)] of a histogram, +Inf last."""
+def histogram_buckets(
+    samples: dict[str, float], name: str, labels: dict[str, str] | None = None
+) -> list[tuple[float, float]]:
+    """[(upper edge, cumulative count)] of a histogram (of its series with ``labels``), +Inf last."""
     out = []
-    prefix = name + '_bucket{le="'
+    prefix = name + "_bucket{"
+    want = (labels or {}).items()
     for k, v in samples.items():
         if k.startswith(prefix):
-            edge = k[len(prefix) : k.index('"', len(prefix))]
-            out.append((float("inf") if edge == "+Inf" else float(edge), v))
+            got = dict(re.findall(r'(\w+)="([^"]*)"', k[len(prefix) :]))
+            if want <= got.items():
+                edge = got["le"]
+                out.append((float("inf") if edge == "+Inf" else float(edge), v))
     return sorted(out)
 
 
@@ -135,6 +143,15 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
             return prev_edge + (edge - prev_edge) * ((rank - prev_count) / inside if inside else 1.0)
         prev_edge, prev_count = edge, count
     return prev_edge
+
+
+def window_quantiles_ms(
+    before: dict[str, float], after: dict[str, float], name: str, labels: dict[str, str] | None = None
+) -> tuple[dict[str, float], list[tuple[float, float]]]:
+    """p50/p95/p99 in ms of what a histogram (in seconds) observed between two scrapes, and that delta's buckets."""
+    b0 = dict(histogram_buckets(before, name, labels))
+    delta = [(edge, count - b0.get(edge, 0.0)) for edge, count in histogram_buckets(after, name, labels)]
+    return {f"p{int(q * 100)}": round(histogram_quantile(delta, q) * 1e3, 2) for q in (0.5, 0.95, 0.99)}, delta
 
 
 def quantiles_ms(values: list[float]) -> dict[str, float]:
@@ -584,10 +601,11 @@ class Bench:
             after = worker.samples()
         finally:
             stop_all([worker.proc])
-        name = "interest_latency_from_produce_seconds"
-        b0 = dict(histogram_buckets(before, name))
-        delta = [(edge, count - b0.get(edge, 0.0)) for edge, count in histogram_buckets(after, name)]
-        redis_q = {f"p{int(q * 100)}": round(histogram_quantile(delta, q) * 1e3, 2) for q in (0.5, 0.95, 0.99)}
+        redis_q, delta = window_quantiles_ms(before, after, "interest_latency_from_produce_seconds")
+        stages = {
+            stage: window_quantiles_ms(before, after, "interest_batch_stage_seconds", {"stage": stage})[0]
+            for stage in ("consume", "collect", "step", "write")
+        }
 
         consumer = KafkaConsumer(
             settings.output_topic,
@@ -618,6 +636,7 @@ class Bench:
             "achieved_eps": offered,
             "events": n,
             "redis_ms": redis_q,
+            "stages_ms": stages,
             "redis_cdf": [(e, c / delta[-1][1]) for e, c in delta if e != float("inf")] if delta else [],
             "output_ms": quantiles_ms(out_lat),
             "processed_ms": quantiles_ms(proc_lat),
@@ -628,6 +647,7 @@ class Bench:
             else [],
         }
         log(f"latency at {offered:,.0f} ev/s: to Redis {redis_q}, to output {result['output_ms']}; CPU {cpu.result}")
+        log("  per batch: " + ", ".join(f"{k} p50 {v['p50']} p99 {v['p99']} ms" for k, v in stages.items()))
         return result
 
     def latency_floor(self, ds, rate: float, seconds: float, warmup: int) -> dict:
@@ -869,6 +889,7 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "latency_transport_ms": r["floor"]["consumed_ms"],
         "latency_faust_ms": r["faust_latency"]["agent_ms"],
         "latency_cpu_pct": lat["cpu_pct"],
+        "latency_stages_ms": lat["stages_ms"],
         "users_1k_eps": round(r["u1k"]["eps"]),
         "users_1m_eps": round(r["u1m"]["eps"]),
         "rss_mb": max(r["u1m"]["rss_mb"]),
@@ -940,6 +961,12 @@ def write_markdown(path: Path, res: dict) -> None:
         f"the worker's fetch settings, no worker): produce -> consumed p50 {tr['p50']} ms, p95 {tr['p95']} ms, "
         f"p99 {tr['p99']} ms. Faust alone at the same rate (the no-op agent iterating `stream.events()`): produce -> "
         f"agent p50 {fa['p50']} ms, p95 {fa['p95']} ms, p99 {fa['p99']} ms.",
+        "",
+        "Where a batch's time went in the latency run (per batch, the worker's `interest_batch_stage_seconds`: "
+        "consume = its first event from produce to the agent, collect = until the step stage took the batch, step = "
+        "until stepped and its records were with the producer, write = until delivered and in Redis): "
+        + ", ".join(f"{k} p50 {v['p50']} / p99 {v['p99']} ms" for k, v in res["latency_stages_ms"].items())
+        + ".",
         "",
         f"CPU during the latency run (% of one core, {cpu['cores']} cores): machine {cpu['machine']}, worker and step "
         f"process {cpu.get('worker')}, the bench's paced producer {cpu['load_generator']}.",

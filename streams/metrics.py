@@ -14,9 +14,15 @@
 | `interest_redis_write_seconds`           | histogram | one batch's Redis pipeline                           |
 | `interest_latency_from_produce_seconds`  | histogram | produce time (Kafka timestamp) -> Redis written (*) |
 | `interest_latency_from_event_seconds`    | histogram | event time (`ts`) -> Redis written (*)              |
+| `interest_batch_stage_seconds{stage}`    | histogram | where a batch's time goes (**)                       |
 | `interest_users_cached`                  | gauge     | user states in the in-process cache                  |
 
 (*) sampled: 16 to 31 evenly spaced events of each batch (all of a smaller one).
+(**) one observation per batch and stage, timed in the agent's process: ``consume`` the batch's first event from
+produce (Kafka timestamp) to the agent, ``collect`` from then until the step stage takes the batch (the linger, or
+the previous batch's step), ``step`` until it is stepped and its records are with the producer, ``write`` until its
+records are delivered and its states are in Redis. ``consume`` and ``collect`` are left out for a batch whose first
+event arrived behind a full one (a backlog, where arrival times are not latency).
 """
 
 from __future__ import annotations
@@ -64,6 +70,13 @@ class Metrics:
         self.latency_event = Histogram(
             "interest_latency_from_event_seconds",
             "Event time to Redis written",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_stage_seconds = Histogram(
+            "interest_batch_stage_seconds",
+            "Per batch: consume (produce -> agent), collect, step, write",
+            ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

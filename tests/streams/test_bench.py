@@ -53,6 +53,10 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
         q = res[key]
         assert all(_positive(q[p]) for p in ("p50", "p95", "p99")), f"{key}: {q}"
         assert q["p50"] <= q["p95"] <= q["p99"]
+    stages = res["latency_stages_ms"]
+    assert set(stages) == {"consume", "collect", "step", "write"}
+    for stage, q in stages.items():  # per batch, from the worker's interest_batch_stage_seconds
+        assert all(_positive(q[p]) for p in ("p50", "p99")) and q["p50"] <= q["p99"], f"{stage}: {q}"
     cpu = res["latency_cpu_pct"]
     assert all(_positive(cpu[k]) for k in ("machine", "worker", "load_generator")), cpu
     assert cpu["machine"] <= 100 * cpu["cores"] + 5  # % of one core, at most all cores (+ sampling slack)

@@ -34,6 +34,12 @@ def test_many_users_match_offline_replay(
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path, INTEREST_LOG_FORMAT="json")
     try:
         _apply_all(worker, names, kafka_bootstrap, rclient, events)
+        # every batch is timed through its stages (the bench reports them); consume and collect only for batches
+        # whose first event did not wait behind a full one
+        stage = lambda name: worker.samples()[f'interest_batch_stage_seconds_count{{stage="{name}"}}']  # noqa: E731
+        batches = worker.metric("interest_batch_size_count")
+        wait_for(lambda: stage("write") == batches, 30, "every batch's write timed")
+        assert stage("step") == batches and 1 <= stage("collect") <= batches and stage("consume") == stage("collect")
     finally:
         assert worker.stop() == 0, worker.output()[-3000:]
     # structured logs: one JSON object per line (Faust's own lines included)
