@@ -1172,6 +1172,7 @@ def noop_worker(argv: list[str]) -> int:
 
     defaults = Settings()
     cap_fetch_wait(defaults.fetch_max_wait_ms)  # as the worker's app
+    sys.setswitchinterval(defaults.gil_switch_ms / 1000)  # as the worker
     app = faust.App(
         a.group,
         broker=f"kafka://{a.bootstrap}",

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     """ONNX Runtime intra-op threads (0 = ORT's default)."""
     step_process: bool = True
     """Step batches (decode, ONNX Runtime, output records, Redis) in a child process, beside Faust's interpreter."""
+    gil_switch_ms: float = Field(1.0, gt=0, le=100)
+    """Python's GIL switch interval in the worker and its step process (Python's default is 5 ms): how long Faust's
+    consumer thread (or the ORT thread) can wait for the GIL while the event loop runs."""
 
     # --- Behaviour ---------------------------------------------------------------------------------------------
     top_n: int = Field(5, ge=1, le=100)

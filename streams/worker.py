@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     logging.config.dictConfig(logging_config(settings))
     log = logging.getLogger("streams.worker")
     log.info("settings: %s", orjson.dumps(settings.redacted()).decode())
+    # Faust's consumer runs in a thread of its own: under load it waits for the GIL up to a switch interval per hand-off
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
 
     if not settings.model_path.exists():
         raise ModelError(
