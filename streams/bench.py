@@ -31,7 +31,8 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    settings, no group), produce -> consumed. The worker cannot be faster than this floor. ``latency_faust_ms`` =
    Faust alone at the same rate: the no-op agent (``noop-worker --latency``) iterating ``stream.events()``,
    produce -> the agent has the event, where the worker's pipeline starts. ``latency_cpu_pct`` = CPU used during the
-   latency run (``psutil``, % of one core): the machine, the worker with its step process, the bench's producer.
+   latency run (``psutil``, % of one core): the machine, the worker with its step process (and each apart:
+   ``worker_faust``, ``step_process``), the bench's producer.
    ``latency_stages_ms`` = where a batch's time went, per batch, from the worker's ``interest_batch_stage_seconds``
    (consume: its first event from produce to the agent; collect; step; write: delivered and in Redis).
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
@@ -736,30 +737,35 @@ def paced_send(
 
 class CpuUse:
     """CPU used over a window (a ``with`` block), in % of one core (so up to 100 x cores): the whole machine, this
-    process (the load generator) and the given processes with their children (a worker and its step process)."""
+    process (the load generator) and the given processes with their children (a worker and its step process); with
+    one worker, also its own process (Faust) apart from its step process."""
 
     def __init__(self, pids: Iterable[int] = ()) -> None:
         import psutil
 
-        self.procs = []
+        self.mains: list = []
+        self.children: list = []
         for pid in pids:
             with contextlib.suppress(psutil.Error):
                 p = psutil.Process(pid)
-                self.procs += [p, *p.children(recursive=True)]
+                self.mains.append(p)
+                self.children += p.children(recursive=True)
         self.me = psutil.Process()
         self.result: dict[str, float] = {}
 
-    def _busy(self) -> tuple[float, float, float, float]:
+    def _busy(self) -> tuple[float, ...]:
         import psutil
+
+        def used(procs: list) -> float:
+            total = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    total += sum(p.cpu_times()[:2])
+            return total
 
         t = psutil.cpu_times()
         machine = sum(t) - t.idle - getattr(t, "iowait", 0.0)
-        mine = sum(self.me.cpu_times()[:2])
-        theirs = 0.0
-        for p in self.procs:
-            with contextlib.suppress(psutil.Error):
-                theirs += sum(p.cpu_times()[:2])
-        return time.perf_counter(), machine, mine, theirs
+        return time.perf_counter(), machine, used([self.me]), used(self.mains), used(self.children)
 
     def __enter__(self) -> CpuUse:
         self._start = self._busy()
@@ -768,10 +774,13 @@ class CpuUse:
     def __exit__(self, *exc: object) -> None:
         end = self._busy()
         wall = max(end[0] - self._start[0], 1e-9)
-        pct = [round(100 * (b - a) / wall, 1) for a, b in zip(self._start[1:], end[1:], strict=True)]
-        self.result = {"machine": pct[0], "load_generator": pct[1], "cores": os.cpu_count() or 1}
-        if self.procs:
-            self.result["worker"] = pct[2]
+        machine, mine, mains, children = (100 * (b - a) / wall for a, b in zip(self._start[1:], end[1:], strict=True))
+        self.result = {"machine": round(machine, 1), "load_generator": round(mine, 1), "cores": os.cpu_count() or 1}
+        if self.mains:
+            self.result["worker"] = round(mains + children, 1)
+            if len(self.mains) == 1 and self.children:
+                self.result["worker_faust"] = round(mains, 1)
+                self.result["step_process"] = round(children, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -969,7 +978,8 @@ def write_markdown(path: Path, res: dict) -> None:
         + ".",
         "",
         f"CPU during the latency run (% of one core, {cpu['cores']} cores): machine {cpu['machine']}, worker and step "
-        f"process {cpu.get('worker')}, the bench's paced producer {cpu['load_generator']}.",
+        f"process {cpu.get('worker')} (Faust's process {cpu.get('worker_faust')}, the step process "
+        f"{cpu.get('step_process')}), the bench's paced producer {cpu['load_generator']}.",
         "",
         f"Memory at the 1M-id run: worker RSS (with its step process) {res['rss_mb']} MB, "
         f"Redis {res['redis_bytes_per_user']:,} B/user "

@@ -58,7 +58,8 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
     for stage, q in stages.items():  # per batch, from the worker's interest_batch_stage_seconds
         assert all(_positive(q[p]) for p in ("p50", "p99")) and q["p50"] <= q["p99"], f"{stage}: {q}"
     cpu = res["latency_cpu_pct"]
-    assert all(_positive(cpu[k]) for k in ("machine", "worker", "load_generator")), cpu
+    assert all(_positive(cpu[k]) for k in ("machine", "worker", "worker_faust", "step_process", "load_generator")), cpu
+    assert cpu["worker"] == pytest.approx(cpu["worker_faust"] + cpu["step_process"], abs=0.2)
     assert cpu["machine"] <= 100 * cpu["cores"] + 5  # % of one core, at most all cores (+ sampling slack)
     for key in RATIOS:
         assert _positive(res["ratios"][key]), f"ratios.{key}"
