@@ -32,9 +32,12 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    Faust alone at the same rate: the no-op agent (``noop-worker --latency``) iterating ``stream.events()``,
    produce -> the agent has the event, where the worker's pipeline starts. ``latency_cpu_pct`` = CPU used during the
    latency run (``psutil``, % of one core): the machine, the worker with its step process (and each apart:
-   ``worker_faust``, ``step_process``), the bench's producer.
+   ``worker_faust``, ``step_process``), the bench's producer, the broker and Redis.
    ``latency_stages_ms`` = where a batch's time went, per batch, from the worker's ``interest_batch_stage_seconds``
    (consume: its first event from produce to the agent; collect; step; write: delivered and in Redis).
+   ``latency_output_ms_halves`` = produce -> output record in the run's first and second half (by send time): the
+   local broker (Tansu's memory engine) costs more CPU as partitions grow, ~25 -> ~50 % of a core over a 20-s run
+   at 5,000 events/s, and the tail with it.
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
    1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
    costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
@@ -222,6 +225,7 @@ class Bench:
     data: Path
     bootstrap: str = ""
     redis_base: str = ""
+    service_pids: dict[str, int] = field(default_factory=dict)  # the broker's and Redis', for CpuUse
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     procs: list[subprocess.Popen] = field(default_factory=list)
     _db: int = 0
@@ -596,7 +600,7 @@ class Bench:
             applied = lambda: metric_total(worker.samples(), "interest_events_applied_total")  # noqa: E731
             wait_for(lambda: applied() >= warmup, 120, "the latency warm-up")
             before = worker.samples()
-            with CpuUse([worker.proc.pid]) as cpu:
+            with CpuUse([worker.proc.pid], self.service_pids) as cpu:
                 offered = paced_send(self.bootstrap, topic, itertools.islice(events, n), rate, sent_at)
                 wait_for(lambda: applied() >= warmup + n, 120 + n / 1000, "the latency run")
             after = worker.samples()
@@ -617,6 +621,8 @@ class Bench:
         )
         out_lat: list[float] = []
         proc_lat: list[float] = []
+        halves: tuple[list[float], list[float]] = ([], [])  # by send time: the run's first and second half
+        mid = (min(sent_at.values()) + max(sent_at.values())) / 2 if sent_at else 0.0
         seen = 0
         try:
             deadline = time.monotonic() + 60 + n / 2000
@@ -629,6 +635,7 @@ class Bench:
                         if t is not None:
                             out_lat.append(rec.timestamp / 1e3 - t)
                             proc_lat.append(obj["processed_at"] - t)
+                            halves[t > mid].append(out_lat[-1])
         finally:
             consumer.close()
         out_lat.sort()
@@ -638,6 +645,7 @@ class Bench:
             "events": n,
             "redis_ms": redis_q,
             "stages_ms": stages,
+            "output_ms_halves": [quantiles_ms(h) for h in halves],
             "redis_cdf": [(e, c / delta[-1][1]) for e, c in delta if e != float("inf")] if delta else [],
             "output_ms": quantiles_ms(out_lat),
             "processed_ms": quantiles_ms(proc_lat),
@@ -691,7 +699,7 @@ class Bench:
         try:
             paced_send(self.bootstrap, topic, itertools.islice(events, warmup), None)
             wait_for(lambda: ready.exists() or proc.poll() is not None, 120, f"the {command}'s warm-up", 0.2)
-            with CpuUse([proc.pid]) as cpu:
+            with CpuUse([proc.pid], self.service_pids) as cpu:
                 offered = paced_send(self.bootstrap, topic, itertools.islice(events, n), rate)
                 wait_for(lambda: result.exists() or proc.poll() is not None, 60 + n / 1000, f"the {command}")
         finally:
@@ -738,11 +746,15 @@ def paced_send(
 class CpuUse:
     """CPU used over a window (a ``with`` block), in % of one core (so up to 100 x cores): the whole machine, this
     process (the load generator) and the given processes with their children (a worker and its step process); with
-    one worker, also its own process (Faust) apart from its step process."""
+    one worker, also its own process (Faust) apart from its step process; and each of ``services`` (name -> pid)."""
 
-    def __init__(self, pids: Iterable[int] = ()) -> None:
+    def __init__(self, pids: Iterable[int] = (), services: dict[str, int] | None = None) -> None:
         import psutil
 
+        self.services: dict[str, list] = {}
+        for name, pid in (services or {}).items():
+            with contextlib.suppress(psutil.Error):
+                self.services[name] = [psutil.Process(pid)]
         self.mains: list = []
         self.children: list = []
         for pid in pids:
@@ -765,7 +777,8 @@ class CpuUse:
 
         t = psutil.cpu_times()
         machine = sum(t) - t.idle - getattr(t, "iowait", 0.0)
-        return time.perf_counter(), machine, used([self.me]), used(self.mains), used(self.children)
+        services = (used(procs) for procs in self.services.values())
+        return time.perf_counter(), machine, used([self.me]), used(self.mains), used(self.children), *services
 
     def __enter__(self) -> CpuUse:
         self._start = self._busy()
@@ -774,8 +787,11 @@ class CpuUse:
     def __exit__(self, *exc: object) -> None:
         end = self._busy()
         wall = max(end[0] - self._start[0], 1e-9)
-        machine, mine, mains, children = (100 * (b - a) / wall for a, b in zip(self._start[1:], end[1:], strict=True))
+        machine, mine, mains, children, *services = (
+            100 * (b - a) / wall for a, b in zip(self._start[1:], end[1:], strict=True)
+        )
         self.result = {"machine": round(machine, 1), "load_generator": round(mine, 1), "cores": os.cpu_count() or 1}
+        self.result |= {name: round(pct, 1) for name, pct in zip(self.services, services, strict=True)}
         if self.mains:
             self.result["worker"] = round(mains + children, 1)
             if len(self.mains) == 1 and self.children:
@@ -899,6 +915,7 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "latency_faust_ms": r["faust_latency"]["agent_ms"],
         "latency_cpu_pct": lat["cpu_pct"],
         "latency_stages_ms": lat["stages_ms"],
+        "latency_output_ms_halves": lat["output_ms_halves"],
         "users_1k_eps": round(r["u1k"]["eps"]),
         "users_1m_eps": round(r["u1m"]["eps"]),
         "rss_mb": max(r["u1m"]["rss_mb"]),
@@ -979,7 +996,10 @@ def write_markdown(path: Path, res: dict) -> None:
         "",
         f"CPU during the latency run (% of one core, {cpu['cores']} cores): machine {cpu['machine']}, worker and step "
         f"process {cpu.get('worker')} (Faust's process {cpu.get('worker_faust')}, the step process "
-        f"{cpu.get('step_process')}), the bench's paced producer {cpu['load_generator']}.",
+        f"{cpu.get('step_process')}), the bench's paced producer {cpu['load_generator']}, the broker "
+        f"{cpu.get('broker')}, Redis {cpu.get('redis')}. Produce -> output record p99 in the run's first half "
+        f"{res['latency_output_ms_halves'][0]['p99']} ms, second half {res['latency_output_ms_halves'][1]['p99']} ms "
+        "(the local broker's memory engine costs more CPU as partitions grow).",
         "",
         f"Memory at the 1M-id run: worker RSS (with its step process) {res['rss_mb']} MB, "
         f"Redis {res['redis_bytes_per_user']:,} B/user "
@@ -1095,6 +1115,7 @@ def run(args: argparse.Namespace) -> int:
     broker = start_broker(port=free_port(), run_dir=run_dir)
     rsvc = start_redis(port=free_port(), run_dir=run_dir)
     bench.bootstrap, bench.redis_base = broker.address, f"redis://{rsvc.address}"
+    bench.service_pids = {"broker": broker.pid, "redis": rsvc.pid}
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cpus": os.cpu_count(),

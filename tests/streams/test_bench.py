@@ -60,6 +60,9 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
     cpu = res["latency_cpu_pct"]
     assert all(_positive(cpu[k]) for k in ("machine", "worker", "worker_faust", "step_process", "load_generator")), cpu
     assert cpu["worker"] == pytest.approx(cpu["worker_faust"] + cpu["step_process"], abs=0.2)
+    assert all(_positive(cpu[k]) for k in ("broker", "redis")), cpu
+    halves = res["latency_output_ms_halves"]  # produce -> output by send time: the run's first and second half
+    assert len(halves) == 2 and all(_positive(h["p99"]) for h in halves), halves
     assert cpu["machine"] <= 100 * cpu["cores"] + 5  # % of one core, at most all cores (+ sampling slack)
     for key in RATIOS:
         assert _positive(res["ratios"][key]), f"ratios.{key}"
