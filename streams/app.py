@@ -23,7 +23,7 @@ import time
 import faust
 
 from streams.kafka import cap_fetch_wait
-from streams.metrics import Metrics
+from streams.metrics import BATCH_STAGES, Metrics
 from streams.processor import BatchPlan, InterestProcessor
 from streams.settings import Settings, get_settings
 from streams.stepper import StepperProcess
@@ -127,7 +127,7 @@ class BatchPipeline:
         self.pending: list[faust.EventT] = []  # collected, not yet stepped
         self.first_at = 0.0  # loop time the oldest pending event arrived
         self.first_seen: tuple[float, float] | None = None  # its produce and arrival times (epoch s), if known
-        self.stage = {s: metrics.batch_stage_seconds.labels(s) for s in ("consume", "collect", "step", "write")}
+        self.stage = {s: metrics.batch_stage_seconds.labels(s) for s in BATCH_STAGES}
         self.arrived = asyncio.Event()  # pending is not empty
         self.full = asyncio.Event()  # pending holds max_batch events
         self.room = asyncio.Event()  # pending is below max_batch

@@ -584,6 +584,7 @@ class Bench:
         from kafka import KafkaConsumer
 
         from streams.kafka import ensure_topics
+        from streams.metrics import BATCH_STAGES
 
         env = self.names("lat")
         settings = self.settings(env)
@@ -609,7 +610,7 @@ class Bench:
         redis_q, delta = window_quantiles_ms(before, after, "interest_latency_from_produce_seconds")
         stages = {
             stage: window_quantiles_ms(before, after, "interest_batch_stage_seconds", {"stage": stage})[0]
-            for stage in ("consume", "collect", "step", "write")
+            for stage in BATCH_STAGES
         }
 
         consumer = KafkaConsumer(

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+BATCH_STAGES = ("consume", "collect", "step", "write")  # the stage label of interest_batch_stage_seconds, in order
+
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
     0.75, 1, 2.5, 5, 10, 30, 60, 300, 3600,
