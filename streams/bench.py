@@ -23,9 +23,10 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    one awaited send per event (``async for`` over an aiokafka consumer, ``InterestProcessor.prepare([msg])``).
 4. latency at an offered rate of half ``product_eps_1w`` (paced aiokafka producer, fresh topic, warm worker):
    ``latency_ms`` = produce -> Redis written, quantiles interpolated in the buckets of the worker's
-   ``interest_latency_from_produce_seconds`` histogram (delta over the measured window; buckets 25/50/100 ms, so a
-   quantile is exact to its bucket); ``latency_output_ms`` = produce -> output record, exact per event: the output
-   record's Kafka timestamp (set when the worker hands it to its producer) minus the time the bench sent the input;
+   ``interest_latency_from_produce_seconds`` histogram (delta over the measured window; buckets 5-10 ms wide from
+   10 to 60 ms, 20 ms to 100 ms, so a quantile is exact to its bucket); ``latency_output_ms`` = produce -> output
+   record, exact per event: the output record's Kafka timestamp (set when the worker hands it to its producer) minus
+   the time the bench sent the input;
    ``latency_transport_ms`` = the transport alone at the same rate: the same paced producer into a fresh topic, read
    by a bare aiokafka consumer in its own process (``python -m streams.bench floor-consumer``, the worker's fetch
    settings, no group), produce -> consumed. The worker cannot be faster than this floor. ``latency_faust_ms`` =
