@@ -47,6 +47,7 @@ def test_many_users_match_offline_replay(
     assert len(logs) >= 5 and {"ts", "level", "logger", "message"} <= set(logs[0])
     assert any(rec["logger"].startswith("faust") for rec in logs)
     assert '"message":"worker ready: consuming' in worker.output()  # the start-up hook ran
+    assert (names.data_dir / f"{names.app_id}-data").is_dir()  # Faust's data folder went to INTEREST_DATA_DIR
     users = {e["user_id"] for e in events}
     keys = {k.decode() for k in rclient.scan_iter(match=names.redis_prefix + "*")}
     assert keys == {names.redis_prefix + u for u in users}
