@@ -9,12 +9,13 @@ with a dynamic batch axis, exported with the TorchScript exporter (dynamo=False)
 written out in models/model.py, so it exports as plain ops, and models.model.StepModel rearranges one step
 for the graph (the ensemble members side by side, everything that depends only on the event in one matmul).
 The metadata_props carry ModelMeta (export/features.py): model version, vocabularies, initial state, prior and
-the sha256 of catalog.csv.
+the sha256 of catalog.csv. Beside it go catalog.csv and model.seq.onnx, the same model over a (B, T) block of events
+in one call (export/sequence.py; the stream worker's batch step), with the same metadata.
 
 Parity: random sequences and real users' sequences (kept in the checkpoint, encoded with the same
 FeatureEncoder the stream worker uses), length >= 50, batch 1, 7 and 512: the ONNX model stepped event by event
-on ONNX Runtime (CPU) against the PyTorch model run over the whole sequence. Prints max |dp| and fails
-(exit 1, model left as model.onnx.failed) above 1e-5.
+on ONNX Runtime (CPU), and the sequence graph over the whole block, against the PyTorch model run over the whole
+sequence. Prints max |dp| and fails (exit 1, model left as model.onnx.failed) above 1e-5.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import onnx
 import torch
 
 from export.features import FeatureEncoder, ModelMeta
+from export.sequence import SequenceSession, join_sequence, sequence_path
 from models.checkpoint import load_checkpoint
 from models.errors import ModelError
-from models.model import InterestModel, StepModel
+from models.model import SEQ_LOOP_INPUTS, InterestModel, SeqHead, SeqPrepare, SeqStep, StepModel
 
 PARITY_TOL = 1e-5
 PARITY_BATCHES = (1, 7, 512)
@@ -70,9 +72,9 @@ def build_meta(model: InterestModel, ckpt: dict, catalog_sha256: str) -> ModelMe
         default_action=vocab["default_action"],
         hidden_size=model.cfg.state_size,
         n_features=model.cfg.n_features,
-        h0=h0[0].numpy().astype(np.float32),
-        c0=c0[0].numpy().astype(np.float32),
-        prior=prior.numpy().astype(np.float32),
+        h0=h0[0].detach().numpy().astype(np.float32),
+        c0=c0[0].detach().numpy().astype(np.float32),
+        prior=prior.detach().numpy().astype(np.float32),
         dataset=ckpt["dataset"],
         catalog_sha256=catalog_sha256,
         extra={
@@ -84,33 +86,80 @@ def build_meta(model: InterestModel, ckpt: dict, catalog_sha256: str) -> ModelMe
     )
 
 
-def export_onnx(model: InterestModel, meta: ModelMeta, out: Path) -> None:
-    step = StepModel(model).eval()
-    b, hsz = 2, model.cfg.state_size
-    args = (torch.zeros(b, model.cfg.n_features), torch.zeros(b, hsz), torch.zeros(b, hsz))
-    names_in, names_out = ["features", "h", "c"], ["probs", "h_next", "c_next"]
+def _to_onnx(module: torch.nn.Module, args: tuple, names_in: list[str], names_out: list[str], axes: dict):
+    """One module through the TorchScript exporter -> ModelProto; axes: {name: {axis: "batch" | "time"}}."""
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, on purpose
         torch.onnx.export(
-            step,
+            module,
             args,
             buf,
             dynamo=False,
             input_names=names_in,
             output_names=names_out,
-            dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
+            dynamic_axes=axes,
             opset_version=OPSET,
             do_constant_folding=True,
         )
-    proto = onnx.load_from_string(buf.getvalue())
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _save(proto: onnx.ModelProto, meta: ModelMeta, doc: str, out: Path) -> None:
     proto.producer_name = "interest-stream"
-    proto.doc_string = f"interest-stream single-step model {meta.version}"
+    proto.doc_string = f"interest-stream {doc} {meta.version}"
     del proto.metadata_props[:]
     for k, v in meta.to_onnx_metadata().items():
         proto.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
+
+
+def export_onnx(model: InterestModel, meta: ModelMeta, out: Path) -> None:
+    b, hsz = 2, model.cfg.state_size
+    args = (torch.zeros(b, model.cfg.n_features), torch.zeros(b, hsz), torch.zeros(b, hsz))
+    names_in, names_out = ["features", "h", "c"], ["probs", "h_next", "c_next"]
+    axes = {n: {0: "batch"} for n in names_in + names_out}
+    _save(_to_onnx(StepModel(model).eval(), args, names_in, names_out, axes), meta, "single-step model", out)
+
+
+def export_sequence_onnx(model: InterestModel, meta: ModelMeta, out: Path) -> bool:
+    """The sequence graph with the state unpacked in its loop (export/sequence.py) -> out; False (nothing written)
+    for a model without category memories, which the worker steps with the step graph wrapped in a Scan."""
+    step = StepModel(model).eval()
+    if not step.fused:
+        return False
+    cfg = model.cfg
+    b, t, hsz, m = 2, 3, cfg.state_size, cfg.n_members
+    hl, nk = m * cfg.hidden_size, m * cfg.n_memories * cfg.n_categories
+    loop = [n for n in SEQ_LOOP_INPUTS if n != "keep" or cfg.state_drift]
+    width = {"gx": 4 * hl, "keep": hl, "d": nk, "gy": nk}
+    state = {"hs": hl, "cs": hl, "mem": nk}
+    bt, bb = {0: "batch", 1: "time"}, {0: "batch"}
+    prepare = _to_onnx(
+        SeqPrepare(step).eval(),
+        (torch.zeros(b, t, cfg.n_features), torch.zeros(b, hsz), torch.zeros(b, hsz)),
+        ["seq_features", "h0", "c0"],
+        [*loop, *state],
+        {"seq_features": bt, "h0": bb, "c0": bb} | {n: bt for n in loop} | {n: bb for n in state},
+    )
+    body_in = [*state, *loop, "mask"]
+    body = _to_onnx(
+        SeqStep(step).eval(),
+        (*(torch.zeros(b, w) for w in state.values()), *(torch.zeros(b, width[n]) for n in loop), torch.ones(b, 1) > 0),
+        body_in,
+        ["hs_next", "cs_next", "mem_next"],
+        {n: bb for n in [*body_in, "hs_next", "cs_next", "mem_next"]},
+    )
+    head = _to_onnx(
+        SeqHead(step).eval(),
+        (torch.zeros(b, t, hl), torch.zeros(b, t, nk), *(torch.zeros(b, w) for w in state.values())),
+        ["hs_all", "mem_all", *state],
+        ["seq_probs", "h_final", "c_final"],
+        {"hs_all": bt, "mem_all": bt, "seq_probs": bt} | {n: bb for n in [*state, "h_final", "c_final"]},
+    )
+    _save(join_sequence(prepare, body, head, loop), meta, "sequence model", out)
+    return True
 
 
 def parity_sequences(encoder: FeatureEncoder, ckpt: dict, batch: int, length: int, seed: int) -> dict:
@@ -148,6 +197,7 @@ def check_parity(
     from export.runtime import StepSession
 
     sess = StepSession(onnx_path, device="cpu")
+    seq = SequenceSession(sess) if sequence_path(onnx_path).is_file() else None
     results: dict[str, float] = {}
     prior_err = float(np.abs(sess.meta.prior - model.prior().numpy()).max())
     results["prior"] = prior_err
@@ -163,6 +213,13 @@ def check_parity(
             results[f"{kind} batch={b}"] = err
             if verbose:
                 print(f"parity {kind:6s} batch={b:<4d} length={x.shape[1]}: max |dp| = {err:.3e}")
+            if seq is not None:  # the sequence graph: the whole block in one call
+                h, c = sess.initial_state(b)
+                p_seq, _, _ = seq.run(x, np.ones(x.shape[:2], dtype=bool), h, c)
+                err = float(np.abs(p_seq - ref[:, 1:]).max())
+                results[f"sequence {kind} batch={b}"] = err
+                if verbose:
+                    print(f"parity {kind:6s} batch={b:<4d} length={x.shape[1]}, sequence graph: max |dp| = {err:.3e}")
     results["max"] = max(results.values())
     return results
 
@@ -176,12 +233,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, verbose: bool = T
     meta = build_meta(model, ckpt, sha)
     tmp = out.with_name(out.name + ".tmp")
     export_onnx(model, meta, tmp)
+    has_sequence = export_sequence_onnx(model, meta, sequence_path(tmp))
     res = check_parity(model, tmp, ckpt, verbose=verbose)
     if verbose:
         print(f"parity max |dp| = {res['max']:.3e} (tolerance {PARITY_TOL:.0e}); prior |dp| = {res['prior']:.3e}")
     if not res["max"] <= PARITY_TOL:
         os.replace(tmp, out.with_name(out.name + ".failed"))
+        sequence_path(tmp).unlink(missing_ok=True)
         raise ModelError(f"ONNX parity failed: max |dp| = {res['max']:.3e} > {PARITY_TOL:.0e}")
+    if has_sequence:
+        os.replace(sequence_path(tmp), sequence_path(out))
+    else:  # not one of an earlier export
+        sequence_path(out).unlink(missing_ok=True)
     os.replace(tmp, out)
     if verbose:
         print(f"exported {meta.version} -> {out} (K={len(meta.categories)}, H={meta.hidden_size})")

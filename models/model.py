@@ -351,6 +351,113 @@ class StepModel(nn.Module):
         return p, torch.cat(h_next, dim=1), torch.cat(c_next, dim=1)
 
 
+# -- the sequence graph's three parts (export/sequence.py joins them around an ONNX Scan) -----------------------------
+# StepModel's math for a (B, T) block of events, split so that the Scan's loop carries only what the recurrence needs:
+#   SeqPrepare   features (B, T, F), h, c (B, H) -> per-event inputs of the loop, and the state unpacked
+#   SeqStep      one loop step on the unpacked state (hs, cs (B, M*Hl), mem (B, M*n*K)), masked positions keep it
+#   SeqHead      all positions' (hs, mem) -> probs (B, T, K); the final unpacked state -> h, c (B, H)
+# Everything that depends on the event alone (the input gates, the drift gate, the memory decays and gains) runs
+# once over the block before the loop, and the head once over the block after it; the loop body is the LSTM cell,
+# the drift and the memory update (23 nodes instead of the step graph's 77). Same ops in the same order as
+# StepModel, so the results are the step graph's, bit for bit.
+SEQ_LOOP_INPUTS = ("gx", "keep", "d", "gy")  # per-event loop inputs (keep only with state_drift)
+SEQ_STATE = ("hs", "cs", "mem")  # the loop's carried state
+
+
+class SeqPrepare(nn.Module):
+    def __init__(self, step: StepModel):
+        super().__init__()
+        self.step = step
+
+    def forward(self, features: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """features (B, T, F), h, c (B, H) -> gx (B, T, M*4Hl), [keep (B, T, M*Hl)], d, gy (B, T, M*n*K),
+        hs, cs (B, M*Hl), mem (B, M*n*K)."""
+        st, cfg = self.step, self.step.model.cfg
+        k, hl, n, zm, hm = cfg.n_categories, cfg.hidden_size, cfg.n_memories, st.z, cfg.member_state_size
+        z = torch.matmul(features, st.wx) + st.bx  # (B, T, M * Z)
+        y = features[..., :k].unsqueeze(-2)  # (B, T, 1, K)
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in SEQ_LOOP_INPUTS + SEQ_STATE}
+        for i in range(cfg.n_members):
+            zi = z[..., i * zm : (i + 1) * zm]
+            parts["gx"].append(zi[..., : 4 * hl])
+            o = 4 * hl
+            if cfg.state_drift:
+                parts["keep"].append(torch.sigmoid(zi[..., o : o + hl]))
+                o += hl
+            d = torch.sigmoid(zi[..., o : o + n]).unsqueeze(-1)  # (B, T, n, 1)
+            gain = torch.exp(zi[..., o + n : o + 2 * n]).unsqueeze(-1)
+            parts["d"].append(d.expand(*d.shape[:-1], k).flatten(-2))  # (B, T, n*K)
+            parts["gy"].append((gain * y).flatten(-2))
+            parts["hs"].append(h[:, i * hm : i * hm + hl])
+            parts["cs"].append(c[:, i * hm : i * hm + hl])
+            parts["mem"].append(torch.cat([h[:, i * hm + hl : (i + 1) * hm], c[:, i * hm + hl : (i + 1) * hm]], dim=1))
+        return tuple(v[0] if len(v) == 1 else torch.cat(v, dim=-1) for v in parts.values() if v)
+
+
+class SeqStep(nn.Module):
+    def __init__(self, step: StepModel):
+        super().__init__()
+        self.step = step
+
+    def forward(self, hs, cs, mem, gx, *rest):
+        """hs, cs (B, M*Hl), mem (B, M*n*K), gx, [keep], d, gy (one event's loop inputs), mask (B, 1) bool
+        -> hs, cs, mem after the event (unchanged where mask is False)."""
+        st, cfg = self.step, self.step.model.cfg
+        hl, m = cfg.hidden_size, cfg.n_members
+        keep, d, gy, mask = rest if cfg.state_drift else (None, *rest)
+        h_new, c_new = [], []
+        for i in range(m):
+            one = slice(None) if m == 1 else slice(i * hl, (i + 1) * hl)
+            hi, ci = hs[:, one], cs[:, one]
+            if keep is not None:
+                h0, c0, ki = st.model.h0[i], st.model.c0[i], keep[:, one]
+                hi = h0 + ki * (hi - h0)
+                ci = c0 + ki * (ci - c0)
+            g = gx[:, i * 4 * hl : (i + 1) * 4 * hl] if m > 1 else gx
+            gi, gf, gg, go = torch.split(g + hi @ st.wh[i], hl, dim=1)
+            ci = torch.sigmoid(gf) * ci + torch.sigmoid(gi) * torch.tanh(gg)
+            h_new.append(torch.sigmoid(go) * torch.tanh(ci))
+            c_new.append(ci)
+        h2 = h_new[0] if m == 1 else torch.cat(h_new, dim=1)
+        c2 = c_new[0] if m == 1 else torch.cat(c_new, dim=1)
+        return torch.where(mask, h2, hs), torch.where(mask, c2, cs), torch.where(mask, d * mem + gy, mem)
+
+
+class SeqHead(nn.Module):
+    def __init__(self, step: StepModel):
+        super().__init__()
+        self.step = step
+
+    def forward(self, hs_all, mem_all, hs, cs, mem):
+        """hs_all (B, T, M*Hl), mem_all (B, T, M*n*K): the state after each event; hs, cs, mem: the final state
+        -> probs (B, T, K), h, c (B, H)."""
+        st, cfg = self.step, self.step.model.cfg
+        k, hl, n, half = cfg.n_categories, cfg.hidden_size, cfg.n_memories, cfg.memory_slots
+        nk = n * k
+        probs, h_out, c_out = [], [], []
+        for i in range(cfg.n_members):
+            hi = hs_all[..., i * hl : (i + 1) * hl]
+            mi = mem_all[..., i * nk : (i + 1) * nk].unflatten(-1, (n, k))  # (B, T, n, K)
+            pm = (mi + 1e-6 / k) / (mi.sum(dim=-1, keepdim=True) + 1e-6)
+            out = hi @ st.w_out[i] + st.b_out[i]  # (B, T, K + 1 + n)
+            logits = out[..., :k]
+            if cfg.memory_logits:
+                flat = pm.flatten(-2)
+                if cfg.head_hidden > 0:
+                    mh = st.model.mem_head
+                    z = torch.cat([flat, hi], dim=-1) @ mh[0].weight[i] + mh[0].bias[i]
+                    logits = logits + (F.gelu(z) @ mh[2].weight[i] + mh[2].bias[i])
+                else:
+                    logits = logits + flat @ st.model.mem_head.weight[i]
+            w = F.softmax(out[..., k:], dim=-1)
+            probs.append(w[..., :1] * F.softmax(logits, dim=-1) + (w[..., 1:].unsqueeze(-1) * pm).sum(dim=-2))
+            mf = mem[:, i * nk : (i + 1) * nk]
+            h_out += [hs[:, i * hl : (i + 1) * hl], mf[:, :half]]
+            c_out += [cs[:, i * hl : (i + 1) * hl], mf[:, half:]]
+        p = probs[0] if len(probs) == 1 else torch.stack(probs).mean(dim=0)
+        return p, torch.cat(h_out, dim=1), torch.cat(c_out, dim=1)
+
+
 if __name__ == "__main__":
     m = InterestModel(ModelConfig())
     x = torch.zeros(2, 5, m.cfg.n_features)

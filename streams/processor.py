@@ -108,16 +108,17 @@ def default_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-# Cost model of one ORT call over a (users, T) block, measured with artifacts of `python -m export.sequence` on the
-# 2-core development machine (one intra-op thread): ~30 us per time step plus ~2.8 us per user-step, plus a fixed
-# cost per call (Python, the thread's GIL hand-back while the event loop is busy).
-STEP_S, USER_STEP_S, CALL_S = 30e-6, 2.8e-6, 1e-3
+# Cost model of one ORT call over a (users, T) block, measured with `python -m export.sequence` on the 2-core
+# development machine (one intra-op thread): per time step ~13 us with model.seq.onnx (~30 us with the step graph
+# wrapped), plus ~2.8 us per user-step, plus a fixed cost per call (Python, the thread's GIL hand-back while the event
+# loop is busy).
+STEP_S, WRAPPED_STEP_S, USER_STEP_S, CALL_S = 13e-6, 30e-6, 2.8e-6, 1e-3
 
 
-def step_groups(counts: np.ndarray) -> list[np.ndarray]:
+def step_groups(counts: np.ndarray, step_s: float = STEP_S) -> list[np.ndarray]:
     """Split the users (``counts[u]`` events each in the batch, 0 = absent) into groups stepped by one call each.
 
-    A call costs T * (STEP_S + USER_STEP_S * users) + CALL_S, T being its longest user's count: padding short users
+    A call costs T * (step_s + USER_STEP_S * users) + CALL_S, T being its longest user's count: padding short users
     is cheap while a call's fixed costs are not, so users are bucketed by count (1, 2, 3-4, 5-8, ...) and adjacent
     buckets are merged wherever one call is cheaper than two (an exact split over the buckets, by dynamic
     programming). ML-100K batches (a few users with bursts of dozens of events) end up in one or two calls.
@@ -136,7 +137,7 @@ def step_groups(counts: np.ndarray) -> list[np.ndarray]:
         users = 0
         for j in range(i - 1, -1, -1):  # last group = buckets j..i-1, padded to t[j] (the longest)
             users += n[j]
-            cost = best[j] + t[j] * (STEP_S + USER_STEP_S * users) + CALL_S
+            cost = best[j] + t[j] * (step_s + USER_STEP_S * users) + CALL_S
             if cost < best[i]:
                 best[i], cut[i] = cost, j
     groups, i = [], len(keys)
@@ -153,6 +154,7 @@ class BatchStepper:
     def __init__(self, session: StepSession, intra_op_threads: int | None = None) -> None:
         self.session = session
         self.sequence = SequenceSession(session, intra_op_threads)
+        self.step_s = STEP_S if self.sequence.kind == "unpacked" else WRAPPED_STEP_S
 
     def __call__(
         self, feats: np.ndarray, H: np.ndarray, C: np.ndarray, P: np.ndarray, rounds: np.ndarray, slots: np.ndarray
@@ -166,7 +168,7 @@ class BatchStepper:
         counts = np.bincount(slots, minlength=H.shape[0])
         pos = np.empty(H.shape[0], dtype=np.int64)
         run = self.sequence.session.run
-        groups = step_groups(counts)
+        groups = step_groups(counts, self.step_s)
         for users in groups:
             t_max = int(counts[users].max())
             pos.fill(-1)
@@ -252,6 +254,7 @@ class InterestProcessor:
             "categories": len(session.meta.categories),
             "items": len(catalog),
             "provider": session.provider,
+            "sequence": f"{processor.stepper.sequence.path.name} ({processor.stepper.sequence.kind})",
         }
         return processor
 

@@ -128,11 +128,12 @@ def run(args: argparse.Namespace) -> int:
         processor = InterestProcessor.from_settings(settings, partitions, metrics)
     info = processor.info
     log.info(
-        "model %s: %d categories, %d items in catalog, provider %s, batches stepped %s",
+        "model %s: %d categories, %d items in catalog, provider %s, batches stepped with %s %s",
         info["version"],
         info["categories"],
         info["items"],
         info["provider"],
+        info["sequence"],
         f"in process {processor.proc.pid}" if settings.step_process else "in the worker's process",
     )
     faust_app.bind(processor, metrics)

@@ -166,7 +166,7 @@ def test_worker_without_a_step_process_matches_offline_replay(
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path, INTEREST_STEP_PROCESS="false")
     try:
         _apply_all(worker, names, kafka_bootstrap, rclient, events)
-        assert "batches stepped in the worker's process" in worker.output()
+        assert "batches stepped with model.seq.onnx (unpacked) in the worker's process" in worker.output()
     finally:
         assert worker.stop() == 0
     assert len(consume_all(kafka_bootstrap, names.output_topic, len(events))) == len(events)
