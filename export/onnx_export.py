@@ -257,7 +257,7 @@ def build_default_model(
     fast: bool = False,
     verbose: bool = False,
 ) -> Path:
-    """Train (if model.pt is absent) and export (if model.onnx is absent or older) -> the model.onnx path.
+    """Train (if model.pt is absent) and export (if model.onnx or model.seq.onnx is absent, or older) -> model.onnx.
 
     Relative paths are taken from the repository root. fast=True trains a small model in a few epochs
     (for tests and demos; it still beats the popularity baseline).
@@ -274,7 +274,8 @@ def build_default_model(
         else:
             tc, mc = TrainConfig(), {}
         train("movielens-100k", data, out_dir, tc=tc, model_overrides=mc, progress=verbose)
-    if not onnx_path.is_file() or onnx_path.stat().st_mtime < ckpt.stat().st_mtime:
+    stale = not onnx_path.is_file() or onnx_path.stat().st_mtime < ckpt.stat().st_mtime
+    if stale or not sequence_path(onnx_path).is_file():  # an export from before model.seq.onnx: redo it
         export_checkpoint(ckpt, onnx_path, verbose=verbose)
     return onnx_path
 
