@@ -93,9 +93,21 @@ def sequence_model(step: onnx.ModelProto) -> onnx.ModelProto:
         scan_input_axes=[1, 1],
         scan_output_axes=[1],
     )
-    outer = helper.make_graph(
-        nodes=[scan],
-        name="step_sequence",
+    return _sequence_graph([scan], "step_sequence", (f_dim, h_dim, k_dim), [], step)
+
+
+def _sequence_graph(
+    nodes: list, name: str, dims: tuple[int, int, int], initializer: list, like: onnx.ModelProto
+) -> onnx.ModelProto:
+    """The outer graph of both builds: SEQ_INPUTS -> nodes -> SEQ_OUTPUTS, with ``like``'s opsets and IR version."""
+    f_dim, h_dim, k_dim = dims
+
+    def vi(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    graph = helper.make_graph(
+        nodes=nodes,
+        name=name,
         inputs=[
             vi("seq_features", TensorProto.FLOAT, ["B", "T", f_dim]),
             vi("seq_mask", TensorProto.BOOL, ["B", "T", 1]),
@@ -107,9 +119,10 @@ def sequence_model(step: onnx.ModelProto) -> onnx.ModelProto:
             vi("h_final", TensorProto.FLOAT, ["B", h_dim]),
             vi("c_final", TensorProto.FLOAT, ["B", h_dim]),
         ],
+        initializer=initializer,
     )
-    model = helper.make_model(outer, opset_imports=list(step.opset_import), producer_name="interest-stream")
-    model.ir_version = step.ir_version
+    model = helper.make_model(graph, opset_imports=list(like.opset_import), producer_name="interest-stream")
+    model.ir_version = like.ir_version
     onnx.checker.check_model(model)
     return model
 
@@ -162,27 +175,9 @@ def join_sequence(
     f_dim = by_name["seq_features"].type.tensor_type.shape.dim[2].dim_value
     h_dim = by_name["h0"].type.tensor_type.shape.dim[1].dim_value
     k_dim = by_name["seq_probs"].type.tensor_type.shape.dim[2].dim_value
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(
-        nodes=[*prepare.graph.node, scan, *head.graph.node],
-        name="step_sequence_unpacked",
-        inputs=[
-            vi("seq_features", TensorProto.FLOAT, ["B", "T", f_dim]),
-            vi("seq_mask", TensorProto.BOOL, ["B", "T", 1]),
-            vi("h0", TensorProto.FLOAT, ["B", h_dim]),
-            vi("c0", TensorProto.FLOAT, ["B", h_dim]),
-        ],
-        outputs=[
-            vi("seq_probs", TensorProto.FLOAT, ["B", "T", k_dim]),
-            vi("h_final", TensorProto.FLOAT, ["B", h_dim]),
-            vi("c_final", TensorProto.FLOAT, ["B", h_dim]),
-        ],
-        initializer=[*prepare.graph.initializer, *head.graph.initializer],
-    )
-    model = helper.make_model(graph, opset_imports=list(prepare.opset_import), producer_name="interest-stream")
-    model.ir_version = prepare.ir_version
-    onnx.checker.check_model(model)
-    return model
+    nodes = [*prepare.graph.node, scan, *head.graph.node]
+    initializer = [*prepare.graph.initializer, *head.graph.initializer]
+    return _sequence_graph(nodes, "step_sequence_unpacked", (f_dim, h_dim, k_dim), initializer, prepare)
 
 
 class SequenceSession:
