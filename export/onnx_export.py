@@ -247,7 +247,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, verbose: bool = T
         sequence_path(out).unlink(missing_ok=True)
     os.replace(tmp, out)
     if verbose:
-        print(f"exported {meta.version} -> {out} (K={len(meta.categories)}, H={meta.hidden_size})")
+        also = f" and {sequence_path(out).name}" if has_sequence else ""
+        print(f"exported {meta.version} -> {out}{also} (K={len(meta.categories)}, H={meta.hidden_size})")
     return res
 
 
