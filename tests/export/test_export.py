@@ -67,3 +67,18 @@ def test_export_cli(trained_model: Path, tmp_path: Path, capsys):
     assert "parity max |dp|" in text and out.is_file() and (tmp_path / "catalog.csv").is_file()
     with pytest.raises(ModelError, match="not found"):
         run(ap.parse_args(["--checkpoint", str(tmp_path / "none.pt")]))
+
+
+def test_build_default_model_re_exports_without_the_sequence_graph(trained_model: Path, tmp_path: Path):
+    """A model folder exported before model.seq.onnx existed gets it on the next build (the demo's path)."""
+    import shutil
+
+    from export.onnx_export import build_default_model
+    from export.sequence import sequence_path
+
+    for name in ("model.pt", "model.onnx", "catalog.csv"):
+        shutil.copy2(trained_model.with_name(name), tmp_path / name)
+    assert not sequence_path(tmp_path / "model.onnx").exists()
+    assert build_default_model(out_dir=tmp_path) == tmp_path / "model.onnx"
+    assert sequence_path(tmp_path / "model.onnx").is_file()
+    assert (tmp_path / "model.onnx").stat().st_mtime >= (tmp_path / "model.pt").stat().st_mtime
