@@ -3,7 +3,8 @@
     python -m export.gpu_check --model artifacts/models/movielens-100k/model.onnx --out gpu_report.json
 
 On a machine with an NVIDIA GPU (onnxruntime-gpu): builds a CPU and a CUDA session, steps the same random
-sequences (length 64, batch 1, 7, 512) through both and records max |dp|, |dh|, |dc|; then measures step
+sequences (length 64, batch 1, 7, 512) through both and records max |dp|, |dh|, |dc|, and the same for the
+sequence graph the stream worker runs (model.seq.onnx, or the wrapped step graph) on padded blocks; then measures step
 throughput (events/s) at batch 1, 4, 16, ... 65536 with plain run() (host arrays in and out) and with
 IOBinding (state kept on the device between steps, features copied in, probs copied out), fp32, and fp16
 (a converted copy of the graph, if onnx's float16 converter is available). Without a usable GPU it says so
@@ -81,6 +82,27 @@ def parity(cpu: StepSession, gpu: StepSession, batches=(1, 7, 512), length: int 
             dh = max(dh, float(np.abs(hc - hg).max()), float(np.abs(cc - cg).max()))
         out[str(b)] = {"max_abs_dp": dp, "max_abs_dstate": dh, "length": length}
     out["max_abs_dp"] = max(v["max_abs_dp"] for v in out.values())
+    return out
+
+
+def sequence_parity(cpu: StepSession, gpu: StepSession, blocks=((1, 64), (8, 30), (64, 8))) -> dict:
+    """The worker's sequence graph on CPU and CUDA, same padded (B, T) blocks -> max |dp| and |dstate| per block."""
+    from export.sequence import SequenceSession
+
+    seq_cpu, seq_gpu = SequenceSession(cpu), SequenceSession(gpu)
+    rng = np.random.default_rng(1)
+    enc, k, a = cpu.encoder, cpu.encoder.k, cpu.encoder.a
+    out: dict = {"kind": seq_gpu.kind, "path": seq_gpu.path.name}
+    for b, t in blocks:
+        cats = [tuple(rng.choice(k, size=rng.integers(1, min(k, 3) + 1), replace=False)) for _ in range(b * t)]
+        x = enc.encode(cats, rng.integers(0, a, size=b * t), rng.exponential(3600.0, size=b * t)).reshape(b, t, -1)
+        mask = np.arange(t)[None, :] < rng.integers(1, t + 1, size=b)[:, None]
+        h, c = cpu.initial_state(b)
+        pc, hc, cc = seq_cpu.run(x, mask, h, c)
+        pg, hg, cg = seq_gpu.run(x, mask, h, c)
+        dstate = max(float(np.abs(hc - hg).max()), float(np.abs(cc - cg).max()))
+        out[f"{b}x{t}"] = {"max_abs_dp": float(np.abs(pc - pg)[mask].max()), "max_abs_dstate": dstate}
+    out["max_abs_dp"] = max(v["max_abs_dp"] for v in out.values() if isinstance(v, dict))
     return out
 
 
@@ -191,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CUDA vs CPU parity: max |dp| = {par['max_abs_dp']:.3e}")
     except Exception as e:
         rep.error("parity", e)
+    try:
+        rep.data["sequence_parity"] = sp = sequence_parity(cpu, gpu)
+        rep.save()
+        print(f"CUDA vs CPU parity, sequence graph ({sp['path']}, {sp['kind']}): max |dp| = {sp['max_abs_dp']:.3e}")
+    except Exception as e:
+        rep.error("sequence_parity", e)
 
     batches = [int(b) for b in a.batches.split(",")]
     f, hsz = cpu.n_features, cpu.hidden_size

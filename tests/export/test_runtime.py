@@ -158,3 +158,11 @@ def test_auto_without_a_gpu_device_is_quiet(trained_model: Path, capfd: pytest.C
     assert s.provider == CPU
     err = capfd.readouterr().err
     assert "Failed to load" not in err and "onnxruntime" not in err, err[:500]
+
+
+def test_gpu_check_sequence_parity_runs_on_two_sessions(trained_model: Path):
+    """The GPU check's sequence-graph section, here with two CPU sessions (on a GPU box the second is CUDA)."""
+    a, b = StepSession(trained_model, device="cpu"), StepSession(trained_model, device="cpu")
+    rep = gpu_check.sequence_parity(a, b, blocks=((1, 20), (5, 7)))
+    assert rep["kind"] == "unpacked" and rep["path"] == "model.seq.onnx"
+    assert set(rep) >= {"1x20", "5x7"} and rep["max_abs_dp"] == 0.0
