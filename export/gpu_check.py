@@ -207,18 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
     except Exception as e:
         rep.error("nvidia_smi", e)
-    try:
-        rep.data["parity"] = par = parity(cpu, gpu)
-        rep.save()
-        print(f"CUDA vs CPU parity: max |dp| = {par['max_abs_dp']:.3e}")
-    except Exception as e:
-        rep.error("parity", e)
-    try:
-        rep.data["sequence_parity"] = sp = sequence_parity(cpu, gpu)
-        rep.save()
-        print(f"CUDA vs CPU parity, sequence graph ({sp['path']}, {sp['kind']}): max |dp| = {sp['max_abs_dp']:.3e}")
-    except Exception as e:
-        rep.error("sequence_parity", e)
+    for key, check in (("parity", parity), ("sequence_parity", sequence_parity)):
+        try:
+            rep.data[key] = res = check(cpu, gpu)
+            rep.save()
+            what = f"sequence graph {res['path']} ({res['kind']})" if "kind" in res else "step graph"
+            print(f"CUDA vs CPU parity, {what}: max |dp| = {res['max_abs_dp']:.3e}")
+        except Exception as e:
+            rep.error(key, e)
 
     batches = [int(b) for b in a.batches.split(",")]
     f, hsz = cpu.n_features, cpu.hidden_size
