@@ -14,7 +14,7 @@ A padded position (mask False) leaves the state as it was and its probs row is i
 - ``model.seq.onnx``, written beside ``model.onnx`` by the export (:func:`join_sequence` joins the three parts of
   models.model: SeqPrepare, SeqStep, SeqHead): the loop carries the LSTM state, cell and category memories as
   separate tensors; whatever depends on the event alone runs before the loop, the head after it, over the whole
-  block. 23 nodes a step instead of 77: ~13 us a step at batch 1 instead of ~30 on one core.
+  block. 23 nodes a step instead of 71: ~13 us a step at batch 1 instead of ~28 on one core.
 - wrapped (:func:`sequence_model`): the step graph itself as the Scan body, built in memory from ``model.onnx``,
   for a model exported without ``model.seq.onnx`` (or with one of another model version).
 

@@ -302,12 +302,34 @@ class StepModel(nn.Module):
             self.register_buffer("b_out", torch.cat([model.head.bias, model.mix.bias], dim=2).contiguous())
 
     def _mem_logits(self, i: int, mem_in: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
-        """Member i's memory-to-logits map on 2-D inputs."""
+        """Member i's memory-to-logits map: mem_in (..., n*K), hs (..., Hl) -> (..., K)."""
         mh = self.model.mem_head
         if self.model.cfg.head_hidden > 0:
-            z = torch.cat([mem_in, hs], dim=1) @ mh[0].weight[i] + mh[0].bias[i]
+            z = torch.cat([mem_in, hs], dim=-1) @ mh[0].weight[i] + mh[0].bias[i]
             return F.gelu(z) @ mh[2].weight[i] + mh[2].bias[i]
         return mem_in @ mh.weight[i]
+
+    def _cell(self, i: int, gx: torch.Tensor, keep: torch.Tensor | None, hs: torch.Tensor, cs: torch.Tensor):
+        """Member i's drift and LSTM cell: gx (..., 4Hl) the event's input gates, keep (..., Hl) the drift gate (None
+        without drift), hs, cs (..., Hl) -> the next hs, cs."""
+        mdl = self.model
+        if keep is not None:
+            hs = mdl.h0[i] + keep * (hs - mdl.h0[i])
+            cs = mdl.c0[i] + keep * (cs - mdl.c0[i])
+        gi, gf, gg, go = torch.split(gx + hs @ self.wh[i], mdl.cfg.hidden_size, dim=-1)
+        cs = torch.sigmoid(gf) * cs + torch.sigmoid(gi) * torch.tanh(gg)
+        return torch.sigmoid(go) * torch.tanh(cs), cs
+
+    def _head(self, i: int, hs: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        """Member i's distribution from its LSTM state hs (..., Hl) and memories mem (..., n, K) -> (..., K)."""
+        k = self.model.cfg.n_categories
+        pm = (mem + 1e-6 / k) / (mem.sum(dim=-1, keepdim=True) + 1e-6)
+        out = hs @ self.w_out[i] + self.b_out[i]  # (..., K + 1 + n): logits, mixture logits
+        logits = out[..., :k]
+        if self.model.cfg.memory_logits:
+            logits = logits + self._mem_logits(i, pm.flatten(-2), hs)
+        w = F.softmax(out[..., k:], dim=-1)
+        return w[..., :1] * F.softmax(logits, dim=-1) + (w[..., 1:].unsqueeze(-1) * pm).sum(dim=-2)
 
     def forward(self, features: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         mdl = self.model
@@ -324,15 +346,11 @@ class StepModel(nn.Module):
         for i in range(m):
             zi = z[:, i * zm : (i + 1) * zm]
             hs, cs = h[:, i * hm : i * hm + hl], c[:, i * hm : i * hm + hl]
-            o = 4 * hl
+            o, keep = 4 * hl, None
             if cfg.state_drift:
                 keep = torch.sigmoid(zi[:, o : o + hl])
-                hs = mdl.h0[i] + keep * (hs - mdl.h0[i])
-                cs = mdl.c0[i] + keep * (cs - mdl.c0[i])
                 o += hl
-            gi, gf, gg, go = (zi[:, : 4 * hl] + hs @ self.wh[i]).chunk(4, dim=1)
-            cs = torch.sigmoid(gf) * cs + torch.sigmoid(gi) * torch.tanh(gg)
-            hs = torch.sigmoid(go) * torch.tanh(cs)
+            hs, cs = self._cell(i, zi[:, : 4 * hl], keep, hs, cs)
             d = torch.sigmoid(zi[:, o : o + n]).unsqueeze(-1)  # (B, n, 1)
             gain = torch.exp(zi[:, o + n : o + 2 * n]).unsqueeze(-1)
             mem = torch.cat([h[:, i * hm + hl : (i + 1) * hm], c[:, i * hm + hl : (i + 1) * hm]], dim=1)
@@ -340,13 +358,7 @@ class StepModel(nn.Module):
             flat = mem.reshape(-1, n * k)
             h_next += [hs, flat[:, :half]]
             c_next += [cs, flat[:, half:]]
-            pm = (mem + 1e-6 / k) / (mem.sum(dim=-1, keepdim=True) + 1e-6)
-            out = hs @ self.w_out[i] + self.b_out[i]  # (B, K + 1 + n): logits, mixture logits
-            logits = out[:, :k]
-            if cfg.memory_logits:
-                logits = logits + self._mem_logits(i, pm.reshape(-1, n * k), hs)
-            w = F.softmax(out[:, k:], dim=-1)
-            probs.append(w[:, :1] * F.softmax(logits, dim=-1) + (w[:, 1:].unsqueeze(-1) * pm).sum(dim=1))
+            probs.append(self._head(i, hs, mem))
         p = probs[0] if m == 1 else torch.stack(probs).mean(dim=0)
         return p, torch.cat(h_next, dim=1), torch.cat(c_next, dim=1)
 
@@ -358,17 +370,21 @@ class StepModel(nn.Module):
 #   SeqHead      all positions' (hs, mem) -> probs (B, T, K); the final unpacked state -> h, c (B, H)
 # Everything that depends on the event alone (the input gates, the drift gate, the memory decays and gains) runs
 # once over the block before the loop, and the head once over the block after it; the loop body is the LSTM cell,
-# the drift and the memory update (23 nodes instead of the step graph's 77). Same ops in the same order as
-# StepModel, so the results are the step graph's, bit for bit.
+# the drift and the memory update (23 nodes instead of the step graph's 69). SeqStep and SeqHead call StepModel's own
+# cell and head (_cell, _head), so the results are the step graph's, bit for bit.
 SEQ_LOOP_INPUTS = ("gx", "keep", "d", "gy")  # per-event loop inputs (keep only with state_drift)
 SEQ_STATE = ("hs", "cs", "mem")  # the loop's carried state
 
 
-class SeqPrepare(nn.Module):
+class _SeqPart(nn.Module):
+    """A part of the sequence graph: it runs on StepModel's fused weights and shares its cell and head."""
+
     def __init__(self, step: StepModel):
         super().__init__()
         self.step = step
 
+
+class SeqPrepare(_SeqPart):
     def forward(self, features: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """features (B, T, F), h, c (B, H) -> gx (B, T, M*4Hl), [keep (B, T, M*Hl)], d, gy (B, T, M*n*K),
         hs, cs (B, M*Hl), mem (B, M*n*K)."""
@@ -394,11 +410,7 @@ class SeqPrepare(nn.Module):
         return tuple(v[0] if len(v) == 1 else torch.cat(v, dim=-1) for v in parts.values() if v)
 
 
-class SeqStep(nn.Module):
-    def __init__(self, step: StepModel):
-        super().__init__()
-        self.step = step
-
+class SeqStep(_SeqPart):
     def forward(self, hs, cs, mem, gx, *rest):
         """hs, cs (B, M*Hl), mem (B, M*n*K), gx, [keep], d, gy (one event's loop inputs), mask (B, 1) bool
         -> hs, cs, mem after the event (unchanged where mask is False)."""
@@ -408,26 +420,16 @@ class SeqStep(nn.Module):
         h_new, c_new = [], []
         for i in range(m):
             one = slice(None) if m == 1 else slice(i * hl, (i + 1) * hl)
-            hi, ci = hs[:, one], cs[:, one]
-            if keep is not None:
-                h0, c0, ki = st.model.h0[i], st.model.c0[i], keep[:, one]
-                hi = h0 + ki * (hi - h0)
-                ci = c0 + ki * (ci - c0)
             g = gx[:, i * 4 * hl : (i + 1) * 4 * hl] if m > 1 else gx
-            gi, gf, gg, go = torch.split(g + hi @ st.wh[i], hl, dim=1)
-            ci = torch.sigmoid(gf) * ci + torch.sigmoid(gi) * torch.tanh(gg)
-            h_new.append(torch.sigmoid(go) * torch.tanh(ci))
+            hi, ci = st._cell(i, g, None if keep is None else keep[:, one], hs[:, one], cs[:, one])
+            h_new.append(hi)
             c_new.append(ci)
         h2 = h_new[0] if m == 1 else torch.cat(h_new, dim=1)
         c2 = c_new[0] if m == 1 else torch.cat(c_new, dim=1)
         return torch.where(mask, h2, hs), torch.where(mask, c2, cs), torch.where(mask, d * mem + gy, mem)
 
 
-class SeqHead(nn.Module):
-    def __init__(self, step: StepModel):
-        super().__init__()
-        self.step = step
-
+class SeqHead(_SeqPart):
     def forward(self, hs_all, mem_all, hs, cs, mem):
         """hs_all (B, T, M*Hl), mem_all (B, T, M*n*K): the state after each event; hs, cs, mem: the final state
         -> probs (B, T, K), h, c (B, H)."""
@@ -436,21 +438,8 @@ class SeqHead(nn.Module):
         nk = n * k
         probs, h_out, c_out = [], [], []
         for i in range(cfg.n_members):
-            hi = hs_all[..., i * hl : (i + 1) * hl]
             mi = mem_all[..., i * nk : (i + 1) * nk].unflatten(-1, (n, k))  # (B, T, n, K)
-            pm = (mi + 1e-6 / k) / (mi.sum(dim=-1, keepdim=True) + 1e-6)
-            out = hi @ st.w_out[i] + st.b_out[i]  # (B, T, K + 1 + n)
-            logits = out[..., :k]
-            if cfg.memory_logits:
-                flat = pm.flatten(-2)
-                if cfg.head_hidden > 0:
-                    mh = st.model.mem_head
-                    z = torch.cat([flat, hi], dim=-1) @ mh[0].weight[i] + mh[0].bias[i]
-                    logits = logits + (F.gelu(z) @ mh[2].weight[i] + mh[2].bias[i])
-                else:
-                    logits = logits + flat @ st.model.mem_head.weight[i]
-            w = F.softmax(out[..., k:], dim=-1)
-            probs.append(w[..., :1] * F.softmax(logits, dim=-1) + (w[..., 1:].unsqueeze(-1) * pm).sum(dim=-2))
+            probs.append(st._head(i, hs_all[..., i * hl : (i + 1) * hl], mi))
             mf = mem[:, i * nk : (i + 1) * nk]
             h_out += [hs[:, i * hl : (i + 1) * hl], mf[:, :half]]
             c_out += [cs[:, i * hl : (i + 1) * hl], mf[:, half:]]
