@@ -87,16 +87,13 @@ def parity(cpu: StepSession, gpu: StepSession, batches=(1, 7, 512), length: int 
 
 def sequence_parity(cpu: StepSession, gpu: StepSession, blocks=((1, 64), (8, 30), (64, 8))) -> dict:
     """The worker's sequence graph on CPU and CUDA, same padded (B, T) blocks -> max |dp| and |dstate| per block."""
-    from export.sequence import SequenceSession
+    from export.sequence import SequenceSession, random_block
 
     seq_cpu, seq_gpu = SequenceSession(cpu), SequenceSession(gpu)
     rng = np.random.default_rng(1)
-    enc, k, a = cpu.encoder, cpu.encoder.k, cpu.encoder.a
     out: dict = {"kind": seq_gpu.kind, "path": seq_gpu.path.name}
     for b, t in blocks:
-        cats = [tuple(rng.choice(k, size=rng.integers(1, min(k, 3) + 1), replace=False)) for _ in range(b * t)]
-        x = enc.encode(cats, rng.integers(0, a, size=b * t), rng.exponential(3600.0, size=b * t)).reshape(b, t, -1)
-        mask = np.arange(t)[None, :] < rng.integers(1, t + 1, size=b)[:, None]
+        x, mask = random_block(cpu, b, t, rng)
         h, c = cpu.initial_state(b)
         pc, hc, cc = seq_cpu.run(x, mask, h, c)
         pg, hg, cg = seq_gpu.run(x, mask, h, c)

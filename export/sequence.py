@@ -153,8 +153,8 @@ def join_sequence(
     prepare, head = compose.add_prefix(prepare, "prepare/"), compose.add_prefix(head, "head/")
     body = compose.add_prefix(step, "loop/").graph
     _rename(prepare.graph, {"prepare/" + x: x for x in ("seq_features", "h0", "c0")})
-    _rename(head.graph, {"head/" + x: x for x in SEQ_OUTPUTS} | {"head/" + x: "final_" + x for x in state})
-    _rename(head.graph, {"head/hs_all": "hs_all", "head/mem_all": "mem_all"})
+    outer = {x: x for x in ("hs_all", "mem_all", *SEQ_OUTPUTS)} | {x: "final_" + x for x in state}
+    _rename(head.graph, {"head/" + x: y for x, y in outer.items()})
     body.node.extend(
         [
             helper.make_node("Identity", ["loop/hs_next"], ["loop/hs_out"]),
@@ -200,15 +200,15 @@ class SequenceSession:
             except Exception as e:  # ORT raises its own exception types for a corrupt file; ModelError for bad metadata
                 log.warning("%s: not loadable (%s); stepping with the step graph wrapped in a Scan", path, e)
             else:
-                if version == step.meta.version and names == (list(SEQ_INPUTS), list(SEQ_OUTPUTS)):
-                    self.session, self.kind, self.path = session, "unpacked", path
+                why = ""
+                if version != step.meta.version:
+                    why = f"is for model {version}, not {step.meta.version}"
+                elif names != (list(SEQ_INPUTS), list(SEQ_OUTPUTS)):
+                    why = f"has inputs {names[0]} and outputs {names[1]}, not {SEQ_INPUTS} and {SEQ_OUTPUTS}"
+                if why:
+                    log.warning("%s %s; stepping with the step graph wrapped in a Scan", path, why)
                 else:
-                    log.warning(
-                        "%s is for model %s, not %s; stepping with the step graph wrapped in a Scan",
-                        path,
-                        version,
-                        step.meta.version,
-                    )
+                    self.session, self.kind, self.path = session, "unpacked", path
         if self.kind == "wrapped":
             model = sequence_model(onnx.load(str(step.path)))
             self.session = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
@@ -223,18 +223,22 @@ class SequenceSession:
         return p, h2, c2
 
 
+def random_block(step: StepSession, batch: int, steps: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A padded block of random events: features (B, T, F) and a mask (B, T) of random lengths, the first row full."""
+    k, a = step.encoder.k, step.encoder.a
+    cats = [tuple(rng.choice(k, size=rng.integers(1, 3), replace=False)) for _ in range(batch * steps)]
+    feats = step.encoder.encode(cats, rng.integers(0, a, batch * steps), rng.exponential(3600, batch * steps))
+    lengths = rng.integers(1, steps + 1, batch)
+    lengths[0] = steps
+    return feats.reshape(batch, steps, -1), np.arange(steps)[None, :] < lengths[:, None]
+
+
 def _check(model: Path, batch: int, steps: int, seed: int = 0) -> tuple[float, float, float, str]:
     """max |dp| and |dh| of the sequence graph vs step() round by round; its speed-up; which graph it is."""
     rng = np.random.default_rng(seed)
     step = StepSession(model, device="cpu", intra_op_threads=1)
     seq = SequenceSession(step, intra_op_threads=1)
-    k, a = step.encoder.k, step.encoder.a
-    cats = [tuple(rng.choice(k, size=rng.integers(1, 3), replace=False)) for _ in range(batch * steps)]
-    feats = step.encoder.encode(cats, rng.integers(0, a, batch * steps), rng.exponential(3600, batch * steps))
-    feats = feats.reshape(batch, steps, -1)
-    lengths = rng.integers(1, steps + 1, batch)
-    lengths[0] = steps
-    mask = np.arange(steps)[None, :] < lengths[:, None]
+    feats, mask = random_block(step, batch, steps, rng)
     h, c = step.initial_state(batch)
     seq.run(feats, mask, h, c)  # warm-up: the first run allocates
     t0 = time.perf_counter()

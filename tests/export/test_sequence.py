@@ -84,6 +84,14 @@ def test_without_a_sequence_file_the_step_graph_is_wrapped(trained_model, tmp_pa
     with caplog.at_level(logging.WARNING, logger="export.sequence"):
         assert SequenceSession(step, intra_op_threads=1).kind == "wrapped"
     assert "is for model movielens-100k-00000000" in caplog.text
+    renamed = onnx.load(str(sequence_path(trained_model)))  # the right model, the wrong signature
+    renamed.graph.output[0].name = "probs"
+    for node in renamed.graph.node:
+        node.output[:] = ["probs" if x == "seq_probs" else x for x in node.output]
+    onnx.save(renamed, str(sequence_path(step.path)))
+    with caplog.at_level(logging.WARNING, logger="export.sequence"):
+        assert SequenceSession(step, intra_op_threads=1).kind == "wrapped"
+    assert "has inputs" in caplog.text and "'probs'" in caplog.text
     sequence_path(step.path).write_bytes(b"not onnx")
     with caplog.at_level(logging.WARNING, logger="export.sequence"):
         assert SequenceSession(step, intra_op_threads=1).kind == "wrapped"
