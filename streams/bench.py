@@ -37,8 +37,8 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    ``latency_stages_ms`` = where a batch's time went, per batch, from the worker's ``interest_batch_stage_seconds``
    (consume: its first event from produce to the agent; collect; step; write: delivered and in Redis).
    ``latency_output_ms_halves`` = produce -> output record in the run's first and second half (by send time): the
-   local broker (Tansu's memory engine) costs more CPU as partitions grow, ~25 -> ~50 % of a core over a 20-s run
-   at 5,000 events/s, and the tail with it.
+   local broker (Tansu's memory engine) costs more CPU as partitions grow (~25 -> ~50 % of a core over a 20-s run
+   at 5,000 events/s when the producer lingered 1 ms; see PRODUCER_LINGER_MS), and the tail with it.
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
    1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
    costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
@@ -717,9 +717,10 @@ class Bench:
 
 
 # The load generator's producer linger: Kafka's own producer default since 4.0 (KIP-1030), as a click producer would
-# batch. Each produce request is an object the local broker's memory engine keeps, and its cost per fetch grows with
-# them: at 5,400 events/s (2 interleaved pairs), 1 ms instead of 5 put the machine at 160-171 % instead of 152-154 %,
-# and the worker's consume stage p99 at 34-41 ms instead of 24, produce -> Redis p99 56-68 ms instead of 46-47.
+# batch. Each produce request is a batch the local broker's memory engine keeps, and its cost per fetch presumably
+# grows with them (it grows through a run): at 5,400 events/s (2 interleaved pairs), 1 ms instead of 5 put the
+# machine at 160-171 % instead of 152-154 %, and the worker's consume stage p99 at 34-41 ms instead of 24, produce ->
+# Redis p99 56-68 ms instead of 46-47.
 PRODUCER_LINGER_MS = 5
 
 
