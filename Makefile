@@ -9,21 +9,23 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# apt packages the tests and the demo need: redis-server, and docker-compose (only to validate the compose file;
-# no Docker engine runs here). Skipped when already there.
-APT_PKGS := redis-server docker-compose
+# apt packages the tests and the demo need: redis-server, docker-compose (only to validate the compose file; no
+# Docker engine runs here), and python3-venv where Debian's python3 lacks venv's ensurepip. Skipped when there.
 system-deps:
 	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	$(PY) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then echo "installing (apt):$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-# torch first and pinned: 2.13.0 is the CPU build on disk here; a bare `torch` would pull a multi-GB CUDA build.
+# torch first, pinned, from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build; training and export
+# need no GPU, and ONNX Runtime brings its own CUDA provider); plain PyPI if that index cannot be reached.
 $(STAMP): pyproject.toml | system-deps
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+	  || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 	@echo "ready: $(BIN)/interest-stream"
