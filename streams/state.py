@@ -49,19 +49,22 @@ STATE_FIELDS = ("model_version", "events", "event_ts", "state", "pos", "recent")
 WRITE_FIELDS = ("probs", "top", "model_version", "updated_at", "events", "event_ts", "state", "pos", "recent")
 SCRIPT_KEYS = 256  # users per script call (a batch's calls go out in one pipeline)
 
-# KEYS = user keys; ARGV = model_version, ttl_s, F, F field names, then per key: events, F values.
-# Per key, writes only when the stored state is of another model version or has applied fewer events: never older
-# over newer. Returns 1 (written) or 0 (refused) per key.
+# KEYS = user keys; ARGV = model_version, ttl_s, state bytes, F, F field names, then per key: events, F values.
+# Per key, refuses to write over a valid state of the same model version with at least as many applied events: never
+# older over newer. Valid as decode_state sees it: `events` a count, `state` of the right size. Anything else under
+# the key (another version, a damaged hash, not a hash at all) is overwritten. Returns 1 (written) or 0 (refused).
 CAS_WRITE = """
-local version, ttl, nf = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local version, ttl, slen, nf = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, hset = {}, {}
 for i, key in ipairs(KEYS) do
-  local at = 3 + nf + (i - 1) * (nf + 1)
-  local cur = redis.call('HMGET', key, 'model_version', 'events')
-  if cur[1] == version and cur[2] and tonumber(cur[2]) >= tonumber(ARGV[at + 1]) then
+  local at = 4 + nf + (i - 1) * (nf + 1)
+  local cur = redis.pcall('HMGET', key, 'model_version', 'events', 'state')
+  if cur.err then redis.call('DEL', key); cur = {} end
+  local n = cur[2] and string.match(cur[2], '^%d+$') and tonumber(cur[2])
+  if cur[1] == version and n and cur[3] and #cur[3] == slen and n >= tonumber(ARGV[at + 1]) then
     out[i] = 0
   else
-    for j = 1, nf do hset[2 * j - 1] = ARGV[3 + j]; hset[2 * j] = ARGV[at + 1 + j] end
+    for j = 1, nf do hset[2 * j - 1] = ARGV[4 + j]; hset[2 * j] = ARGV[at + 1 + j] end
     redis.call('HSET', key, unpack(hset))
     if ttl > 0 then redis.call('EXPIRE', key, ttl) end
     out[i] = 1
@@ -70,10 +73,14 @@ end
 return out
 """
 
-# KEYS = user keys; ARGV = field names. The fields of every key, one reply.
+# KEYS = user keys; ARGV = field names. The fields of every key, one reply ({"WRONGTYPE"} for a key not a hash).
 READ_STATES = """
 local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
+for i, key in ipairs(KEYS) do
+  local row = redis.pcall('HMGET', key, unpack(ARGV))
+  if row.err then row = {'WRONGTYPE'} end
+  out[i] = row
+end
 return out
 """
 
@@ -124,24 +131,39 @@ def encode_state(st: UserState) -> dict[str, bytes | str | int | float]:
     }
 
 
-def decode_state(values: Sequence[bytes | None], version: str, hidden: int) -> UserState | None:
-    """A stored state in the HMGET order of STATE_FIELDS, or None if absent, of another version or unreadable."""
+def decode_state(values: Sequence[bytes | None], version: str, hidden: int) -> tuple[UserState | None, str]:
+    """A stored row (HMGET order of STATE_FIELDS) -> (state, problem). The state is None when there is none of this
+    model version (absent, or another model's: the user restarts from the cold-start state) or when it is damaged;
+    ``problem`` says what was damaged ("" when nothing), so that the caller can log it. The same validity test as
+    CAS_WRITE's: a damaged state is overwritten by the next write, a valid one only by a newer one."""
+    if len(values) != len(STATE_FIELDS):
+        return None, "the key holds no hash"
     stored_version, events, event_ts, blob, pos, recent = values
-    if stored_version is None or blob is None:
-        return None
-    if stored_version.decode() != version:
-        return None  # another model's state is not mixed in: the user restarts from the cold-start state
+    if stored_version != version.encode():
+        return None, ""
+    if events is None or not events.isdigit():
+        return None, f"events is {events!r}, not a count"
+    if blob is None or len(blob) != 8 * hidden:
+        return None, f"state has {0 if blob is None else len(blob)} bytes, not {8 * hidden}"
     arr = np.frombuffer(blob, dtype="<f4")
-    if arr.size != 2 * hidden:
-        return None
-    return UserState(
-        h=arr[:hidden].astype(np.float32),
-        c=arr[hidden:].astype(np.float32),
-        events=int(events or 0),
-        last_ts=float(event_ts) if event_ts else float("nan"),
-        positions=orjson.loads(pos) if pos else {},
-        recent=recent or b"",
-    )
+    st = UserState(h=arr[:hidden].astype(np.float32), c=arr[hidden:].astype(np.float32), events=int(events))
+    problems = []  # damaged bookkeeping: keep the state, drop what cannot be read
+    try:
+        st.last_ts = float(event_ts) if event_ts else float("nan")
+    except ValueError:
+        problems.append("event_ts")
+    try:
+        positions = orjson.loads(pos) if pos else {}
+        if not isinstance(positions, dict) or not all(isinstance(v, int) for v in positions.values()):
+            raise ValueError
+        st.positions = positions
+    except ValueError:
+        problems.append("pos")
+    if recent and len(recent) % 8:
+        problems.append("recent")
+    else:
+        st.recent = recent or b""
+    return st, f"unreadable {', '.join(problems)} (dropped)" if problems else ""
 
 
 def redis_options(settings: Settings) -> dict[str, object]:
@@ -213,6 +235,7 @@ class StateStore:
         self._write_sha = sha1_hex(CAS_WRITE)
         self._read_sha = sha1_hex(READ_STATES)
         self.stale_writes = 0
+        self.corrupt_states = 0  # damaged states read (logged; see decode_state)
 
     def key(self, user_id: str) -> str:
         return self.prefix + user_id
@@ -300,7 +323,13 @@ class StateStore:
             ]
             rows = [row for reply in await self._scripts("read", calls) for row in reply]
             for u, row in zip(missing, rows, strict=True):
-                out[u] = decode_state(row, self.version, self.hidden)
+                out[u], problem = decode_state(row, self.version, self.hidden)
+                if problem:
+                    self.corrupt_states += 1
+                    if self.metrics:
+                        self.metrics.corrupt_states.inc()
+                    fix = "kept, overwritten by the next write" if out[u] else "restarts cold, overwritten"
+                    log.warning("user %r: damaged state in Redis: %s; %s", u, problem, fix)
         return out
 
     async def write(self, writes: Sequence[UserWrite], states: dict[str, UserState]) -> int:
@@ -309,7 +338,7 @@ class StateStore:
         if not writes:
             return 0
         t0 = time.perf_counter()
-        head = [self.version, self.ttl, len(WRITE_FIELDS), *WRITE_FIELDS]
+        head = [self.version, self.ttl, 8 * self.hidden, len(WRITE_FIELDS), *WRITE_FIELDS]
         calls = []
         for i in range(0, len(writes), SCRIPT_KEYS):
             chunk = writes[i : i + SCRIPT_KEYS]

@@ -120,6 +120,32 @@ def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
     assert int(rclient.hget(settings.redis_prefix + "z", "events")) == 1
 
 
+def test_damaged_states_in_redis_are_logged_and_overwritten(setup, rclient, caplog) -> None:
+    """A damaged hash (or a key that is no hash) under the prefix must not stop the worker: the user restarts from
+    the cold-start state and the next write replaces it; damaged bookkeeping alone keeps the recurrent state."""
+    settings, _session, make = setup
+    key = lambda u: settings.redis_prefix + u  # noqa: E731
+    users = ["list", "count", "short", "pos"]
+    asyncio.run(_run(make(), raw_messages(settings, [{"user_id": u, "item_id": "1", "ts": 1} for u in users])))
+    good = rclient.hget(key("pos"), "state")
+    rclient.delete(key("list"))
+    rclient.rpush(key("list"), "x")  # WRONGTYPE for HMGET
+    rclient.hset(key("count"), "events", "lots")
+    rclient.hset(key("short"), mapping={"events": "99", "state": b"\x00" * 12})
+    rclient.hset(key("pos"), "pos", "{not json")
+    proc = make()
+    plan = asyncio.run(_run(proc, raw_messages(settings, [{"user_id": u, "item_id": "2", "ts": 2} for u in users], 9)))
+    assert plan.applied == 4 and proc.store.corrupt_states == 4
+    assert "damaged state in Redis" in caplog.text
+    for u in ("list", "count", "short"):  # restarted cold: one event applied, the hash replaced
+        assert int(rclient.hget(key(u), "events")) == 1, u
+    assert int(rclient.hget(key("pos"), "events")) == 2  # the state itself was kept
+    assert rclient.hget(key("pos"), "state") != good
+    again = make()  # and what was written reads back clean
+    asyncio.run(again.store.load(users))
+    assert again.store.corrupt_states == 0
+
+
 def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> None:
     settings, session, make = setup
     events = [{"user_id": "o", "item_id": str(i), "ts": 1000 + 60 * i, "event_id": f"o{i}"} for i in range(1, 40)]
