@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +53,7 @@ class Message(Protocol):
     key: bytes | None
     value: bytes | None
     timestamp: float  # produce time, epoch seconds
+    headers: Any  # [(name, value), ...] or None; forwarded with re-keyed events and dead letters
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class RawMessage:
     key: bytes | None
     value: bytes | None
     timestamp: float = 0.0
+    headers: Any = None
 
 
 @dataclass
@@ -101,6 +103,12 @@ def decoder_for(session: StepSession, settings: Settings, catalog: dict[str, tup
             max_future_s=settings.max_future_s,
         ),
     )
+
+
+def original_headers(msg: Any) -> list[tuple[str, bytes]]:
+    """A consumed message's headers as (name, value) pairs, to forward with it (re-key, dead letter)."""
+    h = msg.headers or ()
+    return [(k, v or b"") for k, v in (h.items() if isinstance(h, Mapping) else h)]
 
 
 def default_partition(key: bytes, partitions: int) -> int:
@@ -297,6 +305,7 @@ class InterestProcessor:
             add(out_topic, partition_for(out_topic, key), key, value)
         for msg, reason, detail in plan.dead:
             headers = [
+                *original_headers(msg),
                 ("dlq.reason", reason.encode()),
                 ("dlq.detail", detail.encode("utf-8", "replace")),
                 ("dlq.source", f"{msg.topic}:{msg.partition}:{msg.offset}".encode()),
@@ -305,7 +314,7 @@ class InterestProcessor:
             dlq_key = msg.key or b"%d" % msg.offset
             add(dlq_topic, partition_for(dlq_topic, dlq_key), msg.key, msg.value or b"", headers)
         for key, msg in plan.rekey:
-            add(rekey_topic, partition_for(rekey_topic, key), key, msg.value)
+            add(rekey_topic, partition_for(rekey_topic, key), key, msg.value, original_headers(msg))
         plan.delivery = await batches.send()
 
     async def publish(self, plan: BatchPlan, producer: Any) -> None:

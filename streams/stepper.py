@@ -13,7 +13,7 @@ acks. Same code and guarantees, two interpreters.
 
 Frames: a 4-byte big-endian length, then a pickled tuple (both ends are this module).
     worker -> child   ("start", settings, {topic: partitions}), first
-                      ("prepare", id, rows)    rows: [(topic, partition, offset, key, value, timestamp), ...];
+                      ("prepare", id, rows)    rows: [(topic, partition, offset, key, value, timestamp, headers), ...];
                                                step them and hand their records to the child's producer, then
                                                (in batch order) await their delivery and write the batch to Redis
                       ("drop",)                partitions were revoked: forget the cached states
@@ -165,7 +165,7 @@ class StepperProcess:
         batch_id = self._next_id
         prepared = self._expect("prepared", batch_id)
         self._finished[batch_id] = self._expect("finished", batch_id)
-        rows = [(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
+        rows = [(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp, m.headers or None) for m in messages]
         try:
             self._writer.write(_frame(("prepare", batch_id, rows)))
             await self._writer.drain()

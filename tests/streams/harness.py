@@ -61,8 +61,10 @@ def produce(
     topic: str,
     events: Iterable[dict | bytes],
     key: Callable[[object], bytes | None] | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> int:
-    """Send events (dicts are JSON-encoded) keyed by their user id (or by ``key(event)``); returns the count."""
+    """Send events (dicts are JSON-encoded) keyed by their user id (or by ``key(event)``), each with ``headers``;
+    returns the count."""
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5, acks=1)
     n = 0
     try:
@@ -74,7 +76,7 @@ def produce(
                 k = str(ev["user_id"]).encode()
             else:
                 k = None
-            producer.send(topic, key=k, value=value)
+            producer.send(topic, key=k, value=value, headers=headers)
             n += 1
         producer.flush()
     finally:
