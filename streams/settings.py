@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_KAFKA_PORT = 19092
@@ -105,8 +105,9 @@ class Settings(BaseSettings):
     """Most categories one event may carry."""
     max_future_s: float = Field(86_400.0, ge=0)
     """Events stamped further than this into the future are dead-lettered."""
-    dedup_window: int = Field(256, ge=0, le=4096)
-    """Per user, fingerprints of this many recent events are kept to drop producer re-sends."""
+    dedup_window: int = Field(256, ge=1, le=4096)
+    """Per user, fingerprints of this many recent events are kept to drop producer re-sends (and re-keyed events
+    forwarded again after a crash, which arrive at new offsets)."""
     cache_size: int = Field(200_000, ge=0)
     """Users whose state is cached in the worker process (dropped on partition revocation)."""
 
@@ -129,10 +130,16 @@ class Settings(BaseSettings):
             raise ValueError("redis_prefix must be <= 64 chars without glob, brace or whitespace characters")
         return v
 
-    @property
-    def catalog(self) -> Path:
-        """The catalog file to use."""
-        return self.catalog_path or self.model_path.with_name("catalog.csv")
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"INTEREST_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs INTEREST_KAFKA_SASL_USERNAME "
+                "and INTEREST_KAFKA_SASL_PASSWORD"
+            )
+        return self
 
     def redacted(self) -> dict[str, object]:
         """The settings as a dict safe to log: secrets masked, credentials stripped from URLs."""

@@ -58,7 +58,10 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return get_settings(**overrides)
     except ValidationError as exc:
-        errs = "; ".join(f"INTEREST_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        errs = "; ".join(
+            f"INTEREST_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
         raise ConfigError(errs) from None
 
 

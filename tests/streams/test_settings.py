@@ -26,6 +26,15 @@ def test_bad_setting_is_one_clear_line(monkeypatch) -> None:
         load_settings()
     with pytest.raises(ValidationError):
         Settings(redis_prefix="a*b")
+    monkeypatch.setenv("INTEREST_MAX_BATCH", "10")
+    monkeypatch.setenv("INTEREST_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(ConfigError, match="needs INTEREST_KAFKA_SASL_USERNAME and INTEREST_KAFKA_SASL_PASSWORD"):
+        load_settings()
+    monkeypatch.setenv("INTEREST_DEDUP_WINDOW", "0")  # re-keyed events rely on it
+    monkeypatch.setenv("INTEREST_KAFKA_SASL_USERNAME", "u")
+    monkeypatch.setenv("INTEREST_KAFKA_SASL_PASSWORD", "p")
+    with pytest.raises(ConfigError, match="INTEREST_DEDUP_WINDOW"):
+        load_settings()
 
 
 def test_redacted_masks_secrets() -> None:
