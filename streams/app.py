@@ -236,6 +236,13 @@ async def update_interests(stream: faust.StreamT) -> None:
         raise
 
 
+@app.on_partitions_assigned.connect
+async def count_assigned(sender: faust.App, assigned: set, **kwargs: object) -> None:
+    """The gauge of owned partitions (a rebalance assigns the whole new set)."""
+    topics = {settings.input_topic, settings.rekey_topic}
+    metrics.partitions_assigned.set(sum(1 for tp in assigned if tp.topic in topics))
+
+
 @app.on_partitions_revoked.connect
 async def drop_cached_states(sender: faust.App, revoked: set, **kwargs: object) -> None:
     """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""

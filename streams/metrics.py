@@ -9,6 +9,7 @@
 | `interest_rekeyed_total`                 | counter   | events forwarded to the re-key topic                 |
 | `interest_stale_writes_total`            | counter   | writes refused because Redis held a newer state      |
 | `interest_redis_retries_total`           | counter   | Redis operations retried while it was unreachable    |
+| `interest_corrupt_states_total`          | counter   | damaged user states read from Redis (logged)         |
 | `interest_batch_size`                    | histogram | events per batch                                     |
 | `interest_ort_step_seconds`              | histogram | one ONNX Runtime step call                           |
 | `interest_redis_write_seconds`           | histogram | one batch's Redis pipeline                           |
@@ -16,6 +17,7 @@
 | `interest_latency_from_event_seconds`    | histogram | event time (`ts`) -> Redis written (*)              |
 | `interest_batch_stage_seconds{stage}`    | histogram | where a batch's time goes (**)                       |
 | `interest_users_cached`                  | gauge     | user states in the in-process cache                  |
+| `interest_partitions_assigned`           | gauge     | input and re-key partitions this worker owns         |
 
 (*) sampled: 16 to 31 evenly spaced events of each batch (all of a smaller one).
 (**) one observation per batch and stage, timed in the agent's process: ``consume`` the batch's first event from
@@ -51,6 +53,7 @@ class Metrics:
         self.rekeyed = Counter("interest_rekeyed", "Events forwarded to the re-key topic", registry=r)
         self.stale_writes = Counter("interest_stale_writes", "Writes refused: Redis held newer state", registry=r)
         self.redis_retries = Counter("interest_redis_retries", "Redis operations retried", registry=r)
+        self.corrupt_states = Counter("interest_corrupt_states", "Damaged user states read from Redis", registry=r)
         self.batch_size = Histogram(
             "interest_batch_size",
             "Events per batch",
@@ -83,6 +86,9 @@ class Metrics:
             registry=r,
         )
         self.users_cached = Gauge("interest_users_cached", "User states in the in-process cache", registry=r)
+        self.partitions_assigned = Gauge(
+            "interest_partitions_assigned", "Input and re-key partitions this worker owns", registry=r
+        )
 
     def observe_latencies(self, from_produce: list[float], from_event: list[float]) -> None:
         """Observe one batch's sampled latencies, in seconds (event-time ones below zero count as zero)."""

@@ -320,6 +320,7 @@ def test_redis_down_10s_mid_stream_worker_backs_off_and_loses_nothing(
         feeder.finish()
         wait_for(lambda: applied_events(client, prefix) == n, WAIT, "all events applied")
         assert worker.alive()
+        wait_for(lambda: worker.metric("interest_events_applied_total") >= n, 10, "applied events counted")
         dups = worker.metric("interest_duplicates_skipped_total")
         applied_metric = worker.metric("interest_events_applied_total")
         stale = worker.metric("interest_stale_writes_total")
@@ -376,6 +377,8 @@ def test_producer_retry_storm_duplicates_change_nothing(
         wait_for(lambda: worker.metric("interest_events_in_total") == len(stream), WAIT, "all events taken")
         wait_for(lambda: applied_events(rclient, prefix) == n, WAIT, "all events applied")
         catch_up = round(time.monotonic() - t_produced, 2)
+        counted = ("interest_duplicates_skipped_total", "interest_events_applied_total")
+        wait_for(lambda: sum(worker.metric(m) for m in counted) >= len(stream), 10, "events counted")
         dups = worker.metric("interest_duplicates_skipped_total")
         applied_metric = worker.metric("interest_events_applied_total")
     finally:

@@ -330,6 +330,8 @@ def test_ten_thousand_bad_events_dead_lettered_good_ones_applied(
         wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(good), 180, "good events applied")
         dlq = consume_all(kafka_bootstrap, names.dlq_topic, len(bad), timeout=180)
         assert worker.alive()
+        counted = ("interest_dead_letters_total", "interest_events_applied_total")
+        wait_for(lambda: sum(worker.metric(m) for m in counted) >= len(bad) + len(good), 10, "events counted")
         dead = worker.metric("interest_dead_letters_total")
         applied = worker.metric("interest_events_applied_total")
     finally:

@@ -24,6 +24,8 @@ def _apply_all(worker, names, kafka_bootstrap: str, rclient, events: list[dict])
     """Produce ``events`` and wait until all are in Redis, as the worker's own applied counter says too."""
     produce(kafka_bootstrap, names.input_topic, events)
     wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "all events applied")
+    # counted after the Redis write (and relayed from the step process): wait, then the count must be exact
+    wait_for(lambda: worker.metric("interest_events_applied_total") >= len(events), 10, "applied events counted")
     assert worker.metric("interest_events_applied_total") == len(events)
 
 
@@ -88,6 +90,8 @@ def test_user_order_kept_inside_big_batches_and_duplicates_skipped(
     try:
         wait_for(lambda: worker.metric("interest_events_in_total") == len(stream), 90, "all events taken")
         wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(mixed), 30, "all events applied")
+        counted = ("interest_duplicates_skipped_total", "interest_events_applied_total")
+        wait_for(lambda: sum(worker.metric(m) for m in counted) >= len(stream), 10, "events counted")
         assert worker.metric("interest_duplicates_skipped_total") == resent
         assert worker.metric("interest_events_applied_total") == len(mixed)
     finally:
@@ -127,6 +131,7 @@ def test_bad_events_dead_lettered_good_ones_flow(
         names.input_topic,
         stream,
         key=lambda ev: str(ev["user_id"]).encode() if isinstance(ev, dict) else b"u1",
+        headers=[("trace-id", b"t-1")],
     )
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
     try:
@@ -137,6 +142,7 @@ def test_bad_events_dead_lettered_good_ones_flow(
         assert worker.stop() == 0
     assert len(dlq) == placed
     reasons = {dict(r.headers)["dlq.reason"].decode() for r in dlq}
+    assert all(dict(r.headers).get("trace-id") == b"t-1" for r in dlq), "a dead letter keeps the original headers"
     assert {"bad_json", "not_object", "missing_field", "bad_user_id", "unknown_item", "unknown_category"} <= reasons
     originals = {r.value for r in dlq}
     assert b"{not json" in originals and b"\xff\xfe not utf-8" in originals
@@ -148,13 +154,17 @@ def test_wrongly_keyed_events_are_rekeyed_and_applied_in_order(
 ):
     events = ml_events(data_dir, 2000)
     # keyed by something else (one partition, so Kafka keeps their order; the worker must restore per-user routing)
-    produce(kafka_bootstrap, names.input_topic, events, key=lambda ev: b"session-42")
+    produce(kafka_bootstrap, names.input_topic, events, key=lambda ev: b"session-42", headers=[("trace-id", b"t-2")])
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
     try:
         wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 90, "events applied via re-key")
-        assert worker.metric("interest_rekeyed_total") == len(events)
+        # the counter is bumped after the Redis write (and relayed from the step process): wait for it too
+        wait_for(lambda: worker.metric("interest_rekeyed_total") == len(events), 10, "re-keys counted")
     finally:
         assert worker.stop() == 0
+    rekeyed = consume_all(kafka_bootstrap, names.rekey_topic, len(events))
+    assert sorted(r.value for r in rekeyed) == sorted(orjson.dumps(e) for e in events), "values forwarded unchanged"
+    assert all(dict(r.headers) == {"trace-id": b"t-2"} for r in rekeyed), "re-keyed records keep their headers"
     _oracle(events, trained_model, settings_for(), rclient)
 
 
@@ -180,6 +190,9 @@ def test_two_workers_split_partitions_and_match_replay(
     w1 = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
     w2 = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
     try:
+        # both in the group before any event: 4 input + 4 re-key partitions split between them
+        owned = lambda w: w.metric("interest_partitions_assigned")  # noqa: E731
+        wait_for(lambda: owned(w1) > 0 and owned(w2) > 0 and owned(w1) + owned(w2) == 8, 60, "both workers assigned")
         produce(kafka_bootstrap, names.input_topic, events)
         wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(events), 120, "all events applied")
         a, b = w1.metric("interest_events_applied_total"), w2.metric("interest_events_applied_total")
