@@ -108,6 +108,13 @@ def abandon(reason: str) -> None:
     os._exit(70)
 
 
+def _stage_ended(task: asyncio.Task) -> None:
+    """A pipeline stage may only end by cancellation (shutdown): any other end would leave its batches unacked and
+    the worker hanging, so it abandons the worker."""
+    if not task.cancelled() and task.exception() is not None:
+        abandon(f"a batch stage ended: {task.exception()!r}")
+
+
 class BatchPipeline:
     """Faust's events -> batches -> two stages, one batch in each: step (prepare, records handed to the producer),
     then write (await their delivery, Redis, ack).
@@ -137,6 +144,8 @@ class BatchPipeline:
         self.idle = asyncio.Event()
         self.idle.set()
         self.tasks = [asyncio.ensure_future(self._step()), asyncio.ensure_future(self._write())]
+        for task in self.tasks:
+            task.add_done_callback(_stage_ended)
 
     async def add(self, event: faust.EventT) -> None:
         """Collect one event; waits while max_batch events are already waiting for the step stage."""
