@@ -102,14 +102,18 @@ class UserState:
     recent: bytes = b""  # fingerprints of the last applied events (8 bytes each, oldest first)
 
     def seen(self, fingerprint: bytes) -> bool:
-        """True if ``fingerprint`` is among the recent ones (8-byte aligned match, searched in C)."""
-        rec = self.recent
-        i = rec.find(fingerprint)
-        while i != -1:
-            if i % 8 == 0:
-                return True
-            i = rec.find(fingerprint, i + 1)
-        return False
+        """True if ``fingerprint`` is among the recent ones."""
+        return fingerprint_in(self.recent, fingerprint)
+
+
+def fingerprint_in(recent: bytes, fingerprint: bytes) -> bool:
+    """True if the 8-byte ``fingerprint`` is one of ``recent``'s (an 8-byte aligned match, searched in C)."""
+    i = recent.find(fingerprint)
+    while i != -1:
+        if i % 8 == 0:
+            return True
+        i = recent.find(fingerprint, i + 1)
+    return False
 
 
 @dataclass(slots=True)

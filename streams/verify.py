@@ -23,6 +23,7 @@ from export.runtime import StepSession, replay_log
 from streams.events import Rejected, encode_event
 from streams.processor import decoder_for
 from streams.settings import Settings
+from streams.state import fingerprint_in
 
 TOLERANCE = 1e-5
 
@@ -63,13 +64,15 @@ def verify_events(
 ) -> VerifyReport:
     """Judge what Redis holds against an offline replay of ``events`` (dicts or raw JSON bytes, in produce order).
 
-    Producer re-sends of the same event (same ``event_id``) count once, as the worker's de-duplication ensures.
+    Re-sends count once under the worker's own rule: an event whose fingerprint (its ``event_id``, else its bytes) is
+    among the user's last ``settings.dedup_window`` applied ones is skipped.
     """
     catalog = session.load_catalog(settings.catalog_path) if catalog is None else catalog
     decoder = decoder_for(session, settings, catalog)
     report = VerifyReport(tolerance=tolerance)
     log: list[tuple[str, tuple[int, ...], int, float]] = []
-    seen: set[bytes] = set()
+    recent: dict[str, bytes] = {}  # per user, the fingerprints of the last dedup_window applied events
+    window = 8 * settings.dedup_window
     for ev in events:
         raw = ev if isinstance(ev, bytes) else encode_event(ev)
         try:
@@ -77,10 +80,10 @@ def verify_events(
         except Rejected:
             report.rejected += 1
             continue
-        if click.event_id is not None:
-            if click.fingerprint in seen:
-                continue
-            seen.add(click.fingerprint)
+        mine = recent.get(click.user_id, b"")
+        if fingerprint_in(mine, click.fingerprint):
+            continue
+        recent[click.user_id] = (mine + click.fingerprint)[-window:]
         log.append((click.user_id, click.categories, click.action, click.ts))
     expected = replay_log(session, log)
     report.users = len(expected)

@@ -13,6 +13,7 @@ from streams.kafka import ensure_topics, output_producer
 from streams.lookup import bar_chart, get_interests
 from streams.processor import InterestProcessor
 from streams.state import StateStore
+from streams.verify import verify_events
 from tests.streams.harness import consume_all, raw_messages
 
 pytestmark = pytest.mark.integration
@@ -144,6 +145,30 @@ def test_damaged_states_in_redis_are_logged_and_overwritten(setup, rclient, capl
     again = make()  # and what was written reads back clean
     asyncio.run(again.store.load(users))
     assert again.store.corrupt_states == 0
+
+
+def test_the_oracle_skips_exactly_what_the_worker_skips(settings_for, trained_model, rclient) -> None:
+    """Re-sends: the same event_id for one user is skipped, for another user it is not; identical bytes without an id
+    are skipped too; and only within the user's last dedup_window events (2 here)."""
+    settings = settings_for(dedup_window=2)
+    session = StepSession(trained_model, device="cpu")
+    store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+    proc = InterestProcessor(session, store, settings, session.load_catalog(), {settings.input_topic: 4})
+    ev = lambda u, i, ts, eid=None: {"user_id": u, "item_id": i, "ts": ts, **({"event_id": eid} if eid else {})}  # noqa: E731
+    events = [
+        ev("a", "1", 10, "x"),
+        ev("b", "1", 10, "x"),  # another user's event with the same id: applied
+        ev("a", "1", 10, "x"),  # a re-send: skipped
+        ev("a", "2", 20),
+        ev("a", "2", 20),  # the same bytes, no id: skipped
+        ev("a", "3", 30, "y"),
+        ev("a", "1", 10, "x"),  # out of the window of 2 by now: applied again
+    ]
+    plan = asyncio.run(_run(proc, raw_messages(settings, events)))
+    assert (plan.applied, plan.duplicates) == (5, 2)
+    report = verify_events(events, session, settings, rclient)
+    assert report.ok, report.summary()
+    assert report.events == 5
 
 
 def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> None:
