@@ -10,6 +10,8 @@ IOBinding (state kept on the device between steps, features copied in, probs cop
 (a converted copy of the graph, if onnx's float16 converter is available). Without a usable GPU it says so
 and exits 0 with {"status": "skipped"}. Every section catches its own errors and the report is rewritten
 after each measurement, so a crash still leaves partial results. Time-boxed to well under 5 minutes.
+Parity fails (status "parity_failed", exit 1, throughput still measured) when a parity figure exceeds
+PARITY_TOL or is not finite, or a parity section raised; throughput errors are only recorded.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.runtime import CPU, CUDA, StepSession
+from export.runtime import CPU, CUDA, StepSession, max_abs_diff, worst
 
 BATCHES = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 SECONDS_PER_POINT = 1.0  # measuring time per (mode, batch)
 MAX_TOTAL_SECONDS = 240.0
+PARITY_TOL = 1e-5  # CUDA vs CPU, fp32 with TF32 off (export/runtime.py)
+PARITY_SECTIONS = ("parity", "sequence_parity")
 
 
 class Report:
@@ -78,10 +82,10 @@ def parity(cpu: StepSession, gpu: StepSession, batches=(1, 7, 512), length: int 
             x = enc.encode(cats, rng.integers(0, a, size=b), gaps)
             pc, hc, cc = cpu.step(x, hc, cc)
             pg, hg, cg = gpu.step(x, hg, cg)
-            dp = max(dp, float(np.abs(pc - pg).max()))
-            dh = max(dh, float(np.abs(hc - hg).max()), float(np.abs(cc - cg).max()))
+            dp = worst(dp, max_abs_diff(pc, pg))
+            dh = worst(dh, max_abs_diff(hc, hg), max_abs_diff(cc, cg))
         out[str(b)] = {"max_abs_dp": dp, "max_abs_dstate": dh, "length": length}
-    out["max_abs_dp"] = max(v["max_abs_dp"] for v in out.values())
+    out["max_abs_dp"] = worst(*(v["max_abs_dp"] for v in out.values()))
     return out
 
 
@@ -97,9 +101,25 @@ def sequence_parity(cpu: StepSession, gpu: StepSession, blocks=((1, 64), (8, 30)
         h, c = cpu.initial_state(b)
         pc, hc, cc = seq_cpu.run(x, mask, h, c)
         pg, hg, cg = seq_gpu.run(x, mask, h, c)
-        dstate = max(float(np.abs(hc - hg).max()), float(np.abs(cc - cg).max()))
-        out[f"{b}x{t}"] = {"max_abs_dp": float(np.abs(pc - pg)[mask].max()), "max_abs_dstate": dstate}
-    out["max_abs_dp"] = max(v["max_abs_dp"] for v in out.values() if isinstance(v, dict))
+        dstate = worst(max_abs_diff(hc, hg), max_abs_diff(cc, cg))
+        out[f"{b}x{t}"] = {"max_abs_dp": max_abs_diff(pc[mask], pg[mask]), "max_abs_dstate": dstate}
+    out["max_abs_dp"] = worst(*(v["max_abs_dp"] for v in out.values() if isinstance(v, dict)))
+    return out
+
+
+def parity_failures(data: dict, tol: float = PARITY_TOL) -> list[str]:
+    """The report's parity figures (max_abs_* at any depth) above tol or not finite, and parity sections that raised."""
+    out = [f"{key}: raised {data['errors'][key]}" for key in PARITY_SECTIONS if key in data.get("errors", {})]
+
+    def walk(node: dict, where: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{where}.{k}")
+            elif k.startswith("max_abs_") and not worst(v) <= tol:
+                out.append(f"{where}.{k} = {v:.3e} > {tol:.0e}")
+
+    for key in PARITY_SECTIONS:
+        walk(data.get(key, {}), key)
     return out
 
 
@@ -245,11 +265,16 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:
                     rep.error(f"{key}_{b}", e)
                 rep.save()
-    rep.data["status"] = "ok"
+    failures = parity_failures(rep.data)
+    rep.data["parity_tolerance"] = PARITY_TOL
+    rep.data["parity_failures"] = failures
+    rep.data["status"] = "parity_failed" if failures else "ok"
     rep.data["seconds"] = time.perf_counter() - t_start
     rep.save()
+    for msg in failures:
+        print(f"parity FAILED: {msg}")
     print(f"report: {a.out}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -45,6 +46,20 @@ def _session_options(intra_op_threads: int | None, cpu: bool) -> ort.SessionOpti
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # the CUDA-provider fallback is reported by get_providers(), not by logs
     return so
+
+
+def worst(*values: float) -> float:
+    """max of the values with any non-finite one counted as inf (Python's max() drops NaN: max(0.0, nan) == 0.0)."""
+    return max((v if math.isfinite(v) else math.inf for v in values), default=0.0)
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| over all elements; inf when any difference is not finite (NaN or inf on either side)."""
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, counted as inf below
+        d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    if not np.isfinite(d).all():
+        return math.inf
+    return float(d.max()) if d.size else 0.0
 
 
 def gpu_device_present() -> bool:

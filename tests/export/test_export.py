@@ -1,13 +1,16 @@
 import argparse
 import csv
 import hashlib
+import math
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 from export.features import META_PREFIX, ModelMeta
-from export.onnx_export import add_arguments, check_parity, run
+from export.onnx_export import add_arguments, check_parity, export_checkpoint, run
+from export.runtime import StepSession
 from models.checkpoint import load_checkpoint
 from models.errors import ModelError
 
@@ -82,3 +85,38 @@ def test_build_default_model_re_exports_without_the_sequence_graph(trained_model
     assert build_default_model(out_dir=tmp_path) == tmp_path / "model.onnx"
     assert sequence_path(tmp_path / "model.onnx").is_file()
     assert (tmp_path / "model.onnx").stat().st_mtime >= (tmp_path / "model.pt").stat().st_mtime
+
+
+def _nan_probs_from(monkeypatch, t_nan: int) -> None:
+    """StepSession.step returns NaN probabilities from its t_nan-th call on (a broken graph or provider)."""
+    real, calls = StepSession.step, [0]
+
+    def step(self, x, h, c):
+        p, hn, cn = real(self, x, h, c)
+        calls[0] += 1
+        return (p * np.nan if calls[0] > t_nan else p), hn, cn
+
+    monkeypatch.setattr(StepSession, "step", step)
+
+
+def test_parity_counts_nan_as_a_failure(trained_model: Path, model_and_ckpt, monkeypatch, tmp_path: Path):
+    """Python's max(0.0, nan) is 0.0: a NaN output must not pass the parity check."""
+    model, ckpt = model_and_ckpt
+    _nan_probs_from(monkeypatch, t_nan=3)
+    res = check_parity(model, trained_model, ckpt, batches=(1,), length=8, verbose=False)
+    assert res["random batch=1"] == math.inf and res["max"] == math.inf
+    assert res["sequence random batch=1"] <= 1e-5  # the sequence graph does not go through step()
+    with pytest.raises(ModelError, match=r"parity failed: max \|dp\| = inf"):
+        export_checkpoint(trained_model.with_name("model.pt"), tmp_path / "m.onnx", verbose=False)
+    assert (tmp_path / "m.onnx.failed").is_file() and not (tmp_path / "m.onnx").exists()
+
+
+def test_parity_without_long_enough_users_says_so(trained_model: Path, model_and_ckpt, capsys):
+    model, ckpt = model_and_ckpt
+    res = check_parity(model, trained_model, ckpt, batches=(1,), length=50, verbose=False)
+    assert res["real_users"] > 0 and "real batch=1" in res
+    short = {**ckpt, "parity_users": [u[:10] for u in ckpt["parity_users"]]}
+    res = check_parity(model, trained_model, short, batches=(1,), length=50)
+    assert res["real_users"] == 0 and "real batch=1" not in res and "random batch=1" in res
+    assert res["max"] <= 1e-5
+    assert "no user in the checkpoint has >= 50 events; only random sequences are checked" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 from export import gpu_check
 from export.features import FeatureEncoder
-from export.runtime import CPU, StepSession, replay_log
+from export.runtime import CPU, CUDA, StepSession, gpu_device_present, max_abs_diff, replay_log, worst
 from models.checkpoint import load_checkpoint
 from models.data import load_dataset
 from models.errors import ModelError
@@ -166,3 +167,95 @@ def test_gpu_check_sequence_parity_runs_on_two_sessions(trained_model: Path):
     rep = gpu_check.sequence_parity(a, b, blocks=((1, 20), (5, 7)))
     assert rep["kind"] == "unpacked" and rep["path"] == "model.seq.onnx"
     assert set(rep) >= {"1x20", "5x7"} and rep["max_abs_dp"] == 0.0
+
+
+def test_cuda_listed_but_not_granted_falls_back_to_cpu(trained_model: Path, monkeypatch):
+    """The provider is judged by session.get_providers() after creation, not by get_available_providers()."""
+    from export import runtime
+
+    real, calls = runtime.ort.InferenceSession, []
+
+    class CpuOnlySession:  # a box whose onnxruntime-gpu lists CUDA but cannot start it
+        def __init__(self, path, sess_options=None, providers=None):
+            calls.append((providers, sess_options))
+            self._s = real(path, sess_options=sess_options, providers=[CPU])
+
+        def get_providers(self):
+            return [CPU]
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+
+    cpu = StepSession(trained_model, device="cpu")
+    x = cpu.encoder.encode([(0,), (1, 2)], [0, 1], np.array([np.nan, 60.0]))
+    ref, _, _ = cpu.step(x, *cpu.initial_state(2))
+    monkeypatch.setattr(runtime, "gpu_device_present", lambda: True)
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(runtime.ort, "InferenceSession", CpuOnlySession)
+    s = StepSession(trained_model, device="auto")
+    assert s.provider == CPU and "CPUExecutionProvider" in repr(s)
+    assert calls[0][0][0][0] == CUDA and calls[1][0] == [CPU]  # tried CUDA, then rebuilt for CPU
+    assert calls[1][1].get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    p, _, _ = s.step(x, *s.initial_state(2))  # plain run(), not the CUDA IOBinding path
+    assert np.array_equal(p, ref)
+    with pytest.raises(ModelError, match="device=cuda requested but the CUDA provider is not usable"):
+        StepSession(trained_model, device="cuda")
+
+
+def test_parity_figures_are_nan_aware():
+    assert worst(0.0, float("nan"), 1e-7) == math.inf and worst() == 0.0 and worst(1e-7, 3e-7) == 3e-7
+    assert max_abs_diff(np.zeros(3), np.array([0.0, np.nan, 0.0])) == math.inf
+    assert max_abs_diff(np.array([np.inf]), np.array([np.inf])) == math.inf
+    assert max_abs_diff(np.ones(2), np.array([1.0, 0.5])) == 0.5
+    ok = {"parity": {"1": {"max_abs_dp": 1e-7, "max_abs_dstate": 0.0}, "max_abs_dp": 1e-7}}
+    assert gpu_check.parity_failures(ok) == []
+    bad = {"parity": {"1": {"max_abs_dp": float("nan")}}, "sequence_parity": {"1x2": {"max_abs_dstate": 2e-5}}}
+    assert gpu_check.parity_failures(bad) == [
+        "parity.1.max_abs_dp = nan > 1e-05",
+        "sequence_parity.1x2.max_abs_dstate = 2.000e-05 > 1e-05",
+    ]
+    assert gpu_check.parity_failures({"errors": {"sequence_parity": "RuntimeError: x"}}) == [
+        "sequence_parity: raised RuntimeError: x"
+    ]
+
+
+class _Drifting(StepSession):
+    """A CPU session whose probabilities are off by `shift` (NaN: a broken provider), standing in for the GPU."""
+
+    shift = 0.0
+
+    def step(self, features, h, c):
+        p, hn, cn = super().step(features, h, c)
+        return p + np.float32(self.shift), hn, cn
+
+
+@pytest.mark.parametrize(
+    ("shift", "status", "rc"), [(0.0, "ok", 0), (1e-3, "parity_failed", 1), (np.nan, "parity_failed", 1)]
+)
+def test_gpu_check_status_on_two_cpu_sessions(trained_model: Path, tmp_path: Path, monkeypatch, shift, status, rc):
+    """The whole check with a CPU session in the GPU's place: parity decides the status and exit code."""
+    fake = _Drifting(trained_model, device="cpu")
+    fake.shift = shift
+    monkeypatch.setattr(gpu_check, "gpu_session", lambda model: (fake, ""))
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--model", str(trained_model), "--out", str(out), "--batches", "1"]) == rc
+    rep = json.loads(out.read_text())
+    assert rep["status"] == status and rep["parity_tolerance"] == 1e-5
+    assert rep["sequence_parity"]["max_abs_dp"] == 0.0  # the sequence graph does not go through step()
+    assert bool(rep["parity_failures"]) == (rc == 1)
+    assert not set(rep.get("errors", {})) & set(gpu_check.PARITY_SECTIONS)
+    if not gpu_device_present():  # throughput needs CUDA: its errors are recorded, but are no parity failure
+        assert "session_fp32" in rep["errors"]
+
+
+def test_gpu_check_fails_when_a_parity_section_raises(trained_model: Path, tmp_path: Path, monkeypatch):
+    def broken(cpu, gpu):
+        raise RuntimeError("CUDA kernel failed")
+
+    monkeypatch.setattr(gpu_check, "gpu_session", lambda model: (StepSession(model, device="cpu"), ""))
+    monkeypatch.setattr(gpu_check, "sequence_parity", broken)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--model", str(trained_model), "--out", str(out), "--batches", "1"]) == 1
+    rep = json.loads(out.read_text())
+    assert rep["status"] == "parity_failed" and rep["parity"]["max_abs_dp"] == 0.0
+    assert rep["parity_failures"] == ["sequence_parity: raised RuntimeError: CUDA kernel failed"]
