@@ -80,6 +80,8 @@ def load_checkpoint(path: str | Path) -> tuple[InterestModel, dict]:
             ckpt["state_dict"] = _single_to_members(ckpt["state_dict"])
         model = InterestModel(ModelConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
+    except ValueError as e:  # the model constructor rejects the config
+        raise ModelError(f"{p}: invalid model config in checkpoint ({str(e).splitlines()[0][:200]})") from None
     except (KeyError, TypeError, RuntimeError) as e:
         raise ModelError(f"{p}: checkpoint does not match the model code ({str(e).splitlines()[0][:200]})") from None
     model.eval()

@@ -10,6 +10,8 @@ are skipped and counted in `summary["skipped_unknown_item"]`).
 Generic format (`csv`):
     events CSV, header containing user_id,item_id,ts[,action]; ts is epoch seconds or ISO 8601
     items CSV, header item_id,categories; categories separated by "|"
+CSV files are read as UTF-8 (a leading byte-order mark, as Excel writes, is dropped); the line of a CSV error is
+the file line where its record starts (a quoted field may span lines).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import csv
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +72,14 @@ def _err(path: Path, line: int, msg: str) -> DataError:
     return DataError(f"{path}:{line}: {msg}")
 
 
+def _records(reader) -> Iterator[tuple[int, list[str]]]:
+    """(1-based file line where the record starts, row) for each record of a csv.reader."""
+    start = reader.line_num + 1
+    for row in reader:
+        yield start, row
+        start = reader.line_num + 1
+
+
 def parse_ts(value: str, path: Path, line: int) -> float:
     """Epoch seconds (int or float) or ISO 8601 (naive times are UTC) -> float epoch seconds."""
     s = value.strip()
@@ -110,6 +121,21 @@ def _finish(name: str, events: list[Event], catalog: dict[str, list[str]], extra
     return Dataset(name=name, events=events, catalog=catalog, summary=summary)
 
 
+def read_genres(path: Path) -> list[str]:
+    """u.genre (name|index lines) -> the genre names in index order."""
+    rows: list[tuple[int, str]] = []
+    for ln, row in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
+        if not row.strip():
+            continue
+        parts = row.split("|")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip().isdecimal():
+            raise _err(path, ln, f"expected genre|index, got {row[:80]!r}")
+        rows.append((int(parts[1]), parts[0]))
+    if not rows:
+        raise DataError(f"{path}: no genres")
+    return [g for _, g in sorted(rows, key=lambda r: r[0])]
+
+
 def load_movielens(data: str | Path) -> Dataset:
     """`data` is the ml-100k folder or its u.data file (u.item and u.genre are read beside it)."""
     p = Path(data)
@@ -118,10 +144,7 @@ def load_movielens(data: str | Path) -> Dataset:
     for f in (udata, uitem):
         if not f.is_file():
             raise DataError(f"{f}: file not found")
-    genres = list(ML_GENRES)
-    if ugenre.is_file():
-        rows = [r.split("|") for r in ugenre.read_text(encoding="latin-1").splitlines() if r.strip()]
-        genres = [r[0] for r in sorted(rows, key=lambda r: int(r[1]))]
+    genres = read_genres(ugenre) if ugenre.is_file() else list(ML_GENRES)
     catalog: dict[str, list[str]] = {}
     with uitem.open(encoding="latin-1") as f:
         for ln, row in enumerate(f, 1):
@@ -159,8 +182,8 @@ def load_taobao(data: str | Path) -> Dataset:
         raise DataError(f"{path}: file not found")
     catalog: dict[str, list[str]] = {}
     events: list[Event] = []
-    with path.open(newline="") as f:
-        for ln, row in enumerate(csv.reader(f), 1):
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        for ln, row in _records(csv.reader(f)):
             if not row:
                 continue
             if len(row) != 5:
@@ -198,11 +221,11 @@ def load_csv(data: str | Path, items: str | Path | None) -> Dataset:
         if not f.is_file():
             raise DataError(f"{f}: file not found")
     catalog: dict[str, list[str]] = {}
-    with ipath.open(newline="", encoding="utf-8") as f:
+    with ipath.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = _read_header(ipath, reader, ("item_id", "categories"))
         ii, ci = header.index("item_id"), header.index("categories")
-        for ln, row in enumerate(reader, 2):
+        for ln, row in _records(reader):
             if not row:
                 continue
             if len(row) != len(header):
@@ -218,12 +241,12 @@ def load_csv(data: str | Path, items: str | Path | None) -> Dataset:
             catalog[item] = list(dict.fromkeys(cats))
     events: list[Event] = []
     skipped = 0
-    with epath.open(newline="", encoding="utf-8") as f:
+    with epath.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = _read_header(epath, reader, ("user_id", "item_id", "ts"))
         ui, ii, ti = header.index("user_id"), header.index("item_id"), header.index("ts")
         ai = header.index("action") if "action" in header else None
-        for ln, row in enumerate(reader, 2):
+        for ln, row in _records(reader):
             if not row:
                 continue
             if len(row) != len(header):

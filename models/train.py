@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -83,6 +84,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     if tc.epochs < 1 or tc.batch_users < 1 or tc.lr <= 0:
         raise ConfigError("--epochs and --batch-users must be >= 1 and --lr > 0")
     return tc, mc
+
+
+def skipped_note(summary: dict) -> str | None:
+    """One line naming the loader's non-zero skip counters (summary["skipped_*"]), or None when nothing was skipped."""
+    counts = {k.removeprefix("skipped_"): v for k, v in summary.items() if k.startswith("skipped_") and v}
+    if not counts:
+        return None
+    what = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
+    return f"{summary.get('dataset', 'data')}: {sum(counts.values())} event rows skipped ({what}); see report.json"
 
 
 # -- batching -------------------------------------------------------------------------------------------
@@ -310,6 +320,8 @@ def train(
     torch.manual_seed(tc.seed)
     torch.set_num_threads(tc.threads)
     ds = load_dataset(dataset, data, items)
+    if note := skipped_note(ds.summary):
+        print(note, file=sys.stderr)
     vocab = build_vocabulary(ds, tc.top_k)
     seqs = build_sequences(ds, vocab)
     targets = {s: int(sum(len(t) for t in seqs.targets(s))) for s in SPLITS}

@@ -8,6 +8,7 @@ from models.vocab import OTHER, build_vocabulary
 from tests.model_fixtures import ML100K, TAOBAO, write_csv_dataset
 
 needs_data = pytest.mark.skipif(not ML100K.is_dir(), reason="real data not found")
+needs_taobao = pytest.mark.skipif(not TAOBAO.is_dir(), reason="Taobao sample not found")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_movielens_events_sorted_stably_with_lines(ml):
     assert all(u[i].ts <= u[i + 1].ts for u in users.values() for i in range(len(u) - 1))
 
 
-@needs_data
+@needs_taobao
 def test_taobao_counts_match_readme():
     ds = load_dataset("taobao", TAOBAO)
     s = ds.summary
@@ -114,3 +115,48 @@ def test_movielens_bad_rating(tmp_path: Path):
     (tmp_path / "u.data").write_text("1\t1\t5\t881250949\n1\t2\t6\t881250950\n")
     with pytest.raises(DataError, match=r"u\.data:2: bad rating '6'"):
         load_dataset("movielens-100k", tmp_path)
+
+
+def _ml_folder(folder: Path, genre: str) -> Path:
+    """A two-genre ML-100K folder: u.genre as given, one item, one rating."""
+    (folder / "u.genre").write_text(genre)
+    (folder / "u.item").write_text("1|Toy Story|01-Jan-1995||http://x|0|1\n")
+    (folder / "u.data").write_text("1\t1\t5\t881250949\n")
+    return folder
+
+
+def test_movielens_genre_file(tmp_path: Path):
+    ds = load_dataset("movielens-100k", _ml_folder(tmp_path, "Drama|1\nunknown|0\n\n"))
+    assert ds.catalog["1"] == ["Drama"]
+    for bad, line in (("unknown|0\nDrama\n", 2), ("unknown|zero\nDrama|1\n", 1), ("\na|0|1\n", 2)):
+        with pytest.raises(DataError, match=rf"u\.genre:{line}: expected genre\|index"):
+            load_dataset("movielens-100k", _ml_folder(tmp_path, bad))
+    with pytest.raises(DataError, match=r"u\.genre: no genres"):
+        load_dataset("movielens-100k", _ml_folder(tmp_path, "\n"))
+
+
+def test_csv_error_lines_are_file_lines_after_a_multiline_field(tmp_path: Path):
+    (tmp_path / "items.csv").write_text('item_id,categories\na,x\n"b\nc",y\nd\n')
+    (tmp_path / "events.csv").write_text('user_id,item_id,ts,action\nu,a,1,"two\nlines"\nu,a,2,ok\nu,a,never,ok\n')
+    with pytest.raises(DataError, match=r"items\.csv:5: expected 2 fields, got 1"):
+        load_dataset("csv", tmp_path / "events.csv", tmp_path / "items.csv")
+    (tmp_path / "items.csv").write_text("item_id,categories\na,x\n")
+    with pytest.raises(DataError, match=r"events\.csv:5: bad timestamp 'never'"):
+        load_dataset("csv", tmp_path / "events.csv", tmp_path / "items.csv")
+    (tmp_path / "events.csv").write_text('user_id,item_id,ts,action\nu,a,1,"two\nlines"\n\nu,a,2,ok\n')
+    ds = load_dataset("csv", tmp_path / "events.csv", tmp_path / "items.csv")
+    assert [e.line for e in ds.events] == [2, 5]  # the line where each record starts
+    tb = tmp_path / "UserBehavior.csv"
+    tb.write_text('1,2,"3\n3",pv,1511544070\n1,2,3,click,1511544071\n')
+    with pytest.raises(DataError, match=r"UserBehavior\.csv:3: bad behavior 'click'"):
+        load_dataset("taobao", tb)
+
+
+def test_csv_with_utf8_byte_order_mark(tmp_path: Path):
+    (tmp_path / "items.csv").write_text("item_id,categories\na,x\n", encoding="utf-8-sig")
+    (tmp_path / "events.csv").write_text("user_id,item_id,ts\nu,a,1\n", encoding="utf-8-sig")
+    ds = load_dataset("csv", tmp_path / "events.csv", tmp_path / "items.csv")
+    assert ds.summary["events"] == 1 and ds.catalog == {"a": ["x"]}
+    tb = tmp_path / "UserBehavior.csv"
+    tb.write_text("1,2,3,pv,1511544070\n", encoding="utf-8-sig")
+    assert load_dataset("taobao", tb).events[0].user_id == "1"

@@ -8,7 +8,7 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.errors import ConfigError, ModelError
 from models.model import InterestModel, ModelConfig
-from models.train import TrainConfig, add_arguments, configs_from_args, train
+from models.train import TrainConfig, add_arguments, configs_from_args, run, skipped_note, train
 from tests.model_fixtures import write_csv_dataset
 
 TINY = TrainConfig(epochs=2, patience=5, batch_users=8, threads=1)
@@ -207,3 +207,30 @@ def test_loads_checkpoints_written_before_ensembles(tmp_path: Path):
     loaded, _ = load_checkpoint(tmp_path / "model.pt")
     x = torch.rand(2, 5, m.cfg.n_features)
     assert loaded.cfg.n_members == 1 and torch.allclose(loaded(x), m(x))
+
+
+def test_checkpoint_with_a_config_the_model_rejects(tmp_path: Path):
+    """A config the model constructor refuses (ValueError) is a ModelError naming the file, not a traceback."""
+    from models.checkpoint import FORMAT, FORMAT_VERSION
+
+    m = InterestModel(ModelConfig(n_categories=5, n_actions=3, hidden_size=8))
+    cfg = {**m.cfg.to_dict(), "n_members": 0}
+    ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": "csv-0", "config": cfg}
+    torch.save({**ck, "state_dict": m.state_dict()}, tmp_path / "model.pt")
+    with pytest.raises(ModelError, match=r"model\.pt: invalid model config in checkpoint \(n_members must be >= 1"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+def test_skipped_rows_are_reported_at_training_start(tmp_path: Path, csv_data, capsys):
+    assert skipped_note({"dataset": "csv", "skipped_unknown_item": 0}) is None
+    assert skipped_note({"dataset": "csv", "skipped_unknown_item": 2}) == (
+        "csv: 2 event rows skipped (unknown item: 2); see report.json"
+    )
+    events = tmp_path / "events.csv"
+    events.write_text(csv_data[0].read_text() + "u0,nope,1600000000,view\nu1,nope,1600000001,view\n")
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    args = ["--dataset", "csv", "--data", str(events), "--items", str(csv_data[1]), "--out", str(tmp_path / "m")]
+    assert run(ap.parse_args([*args, "--epochs", "1", "--hidden-size", "8", "--quiet"])) == 0
+    assert "csv: 2 event rows skipped (unknown item: 2)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "m" / "report.json").read_text())["dataset"]["skipped_unknown_item"] == 2
