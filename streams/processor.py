@@ -116,10 +116,10 @@ def default_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-# Cost model of one ORT call over a (users, T) block, measured with `python -m export.sequence` on the 2-core
-# development machine (one intra-op thread): per time step ~13 us with model.seq.onnx (~30 us with the step graph
-# wrapped), plus ~2.8 us per user-step, plus a fixed cost per call (Python, the thread's GIL hand-back while the event
-# loop is busy).
+# Cost model of one ORT call over a (users, T) block, measured with `python -m export.sequence --model ...` on the
+# 2-core development machine (one intra-op thread): per time step ~13 us with model.seq.onnx (~28-30 us with the step
+# graph wrapped), plus ~2.8 us per user-step, plus a fixed cost per call (Python, the thread's GIL hand-back while
+# the event loop is busy).
 STEP_S, WRAPPED_STEP_S, USER_STEP_S, CALL_S = 13e-6, 30e-6, 2.8e-6, 1e-3
 
 
