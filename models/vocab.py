@@ -3,8 +3,9 @@
     python -m models.vocab --dataset taobao --data ../shared/data/taobao-userbehavior-sample --top-k 100
 
 The raw catalog stays raw; the vocabulary maps every raw category of the catalog to one of the K output
-categories. Categories are ranked by how many events they appear in (ties by name); when there are more than
-`top_k` of them, the rest share the last output category "other".
+categories. Categories are ranked by how many events they appear in (ties by name), counting only each user's first
+floor(0.8 n) events (the protocol's train prefix: which categories the cut keeps must not depend on validation or
+test events); when there are more than `top_k` of them, the rest share the last output category "other".
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class Vocabulary:
 def build_vocabulary(ds: Dataset, top_k: int = 100) -> Vocabulary:
     if top_k < 2:
         raise ConfigError(f"--top-k must be at least 2, got {top_k}")
-    freq = Counter(c for e in ds.events for c in ds.catalog[e.item_id])
+    freq: Counter[str] = Counter()
+    for evs in ds.by_user().values():
+        for e in evs[: (8 * len(evs)) // 10]:  # the train prefix (models.sequences.split_bounds)
+            freq.update(ds.catalog[e.item_id])
     raw = {c for cs in ds.catalog.values() for c in cs}
     ranked = sorted(raw, key=lambda c: (-freq.get(c, 0), c))
     if len(ranked) <= top_k:

@@ -74,6 +74,21 @@ def test_csv_without_action_and_unknown_item(tmp_path: Path):
     assert v.actions == ["event"] and v.default_action == "event"
 
 
+def test_vocabulary_cut_counts_only_train_prefixes(tmp_path: Path):
+    # 10 events per user: the first 8 (the train prefix) each of another category, the last two (validation and
+    # test) both "late", the most frequent category overall: the cut must not keep it.
+    items = "abcdefgh"
+    (tmp_path / "items.csv").write_text("item_id,categories\n" + "".join(f"{i},{i}\n" for i in items) + "z,late\n")
+    rows = ["user_id,item_id,ts"]
+    for u in range(3):
+        rows += [f"u{u},{item},{t}" for t, item in enumerate([*items, "z", "z"])]
+    (tmp_path / "events.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset("csv", tmp_path / "events.csv", tmp_path / "items.csv")
+    v = build_vocabulary(ds, top_k=2)
+    assert v.categories == ["a", "b", OTHER]
+    assert v.category_index["late"] == 2
+
+
 @pytest.mark.parametrize(
     ("events", "where", "what"),
     [
