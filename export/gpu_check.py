@@ -33,7 +33,7 @@ BATCHES = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 SECONDS_PER_POINT = 1.0  # measuring time per (mode, batch)
 MAX_TOTAL_SECONDS = 240.0
 PARITY_TOL = 1e-5  # CUDA vs CPU, fp32 with TF32 off (export/runtime.py)
-PARITY_SECTIONS = ("parity", "sequence_parity")
+PARITY_SECTIONS = ("parity", "sequence_parity", "replay_parity")
 
 
 class Report:
@@ -105,6 +105,35 @@ def sequence_parity(cpu: StepSession, gpu: StepSession, blocks=((1, 64), (8, 30)
         out[f"{b}x{t}"] = {"max_abs_dp": max_abs_diff(pc[mask], pg[mask]), "max_abs_dstate": dstate}
     out["max_abs_dp"] = worst(*(v["max_abs_dp"] for v in out.values() if isinstance(v, dict)))
     return out
+
+
+def replay_parity(cpu: StepSession, gpu: StepSession, users: int = 3000, max_events: int = 40) -> dict:
+    """replay_log of one random log: on CUDA with the state kept on the device between rounds, on CPU step by step."""
+    from export.runtime import replay_log
+
+    rng = np.random.default_rng(2)
+    k, a = cpu.encoder.k, cpu.encoder.a
+    log = [
+        (f"u{u}", tuple(rng.choice(k, size=rng.integers(1, 3), replace=False)), int(rng.integers(0, a)), 60.0 * i)
+        for u in range(users)
+        for i in range(int(rng.integers(1, max_events + 1)))
+    ]
+    t0 = time.perf_counter()
+    on_gpu = replay_log(gpu, log)
+    t_gpu = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    on_cpu = replay_log(cpu, log)
+    t_cpu = time.perf_counter() - t0
+    dp = worst(*(max_abs_diff(on_gpu[u].probs, r.probs) for u, r in on_cpu.items()))
+    ds = worst(*(worst(max_abs_diff(on_gpu[u].h, r.h), max_abs_diff(on_gpu[u].c, r.c)) for u, r in on_cpu.items()))
+    return {
+        "events": len(log),
+        "users": users,
+        "max_abs_dp": dp,
+        "max_abs_dstate": ds,
+        "gpu_events_per_s": len(log) / t_gpu,
+        "cpu_events_per_s": len(log) / t_cpu,
+    }
 
 
 def parity_failures(data: dict, tol: float = PARITY_TOL) -> list[str]:
@@ -224,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
     except Exception as e:
         rep.error("nvidia_smi", e)
-    for key, check in (("parity", parity), ("sequence_parity", sequence_parity)):
+    for key, check in (("parity", parity), ("sequence_parity", sequence_parity), ("replay_parity", replay_parity)):
         try:
             rep.data[key] = res = check(cpu, gpu)
             rep.save()
-            what = f"sequence graph {res['path']} ({res['kind']})" if "kind" in res else "step graph"
+            what = {"sequence_parity": f"sequence graph {res.get('path')} ({res.get('kind')})"}.get(key, "step graph")
+            what += ", replay with the state on the device" if key == "replay_parity" else ""
             print(f"CUDA vs CPU parity, {what}: max |dp| = {res['max_abs_dp']:.3e}")
         except Exception as e:
             rep.error(key, e)

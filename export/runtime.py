@@ -6,7 +6,9 @@
 not by get_available_providers(), which lists CUDA on any onnxruntime-gpu install) and CPU otherwise.
 On CUDA, step() runs through IOBinding: inputs are copied once, outputs are allocated on the device and
 read back once. `replay_log` steps every user of a log from the learned initial state, batching
-across users round by round; it is the oracle the stream worker is judged against.
+across users round by round; it is the oracle the stream worker is judged against. On CUDA it keeps h, c and the
+probabilities on the device for the whole replay (only each round's features go in, and the results come back
+once at the end).
 """
 
 from __future__ import annotations
@@ -189,14 +191,50 @@ class UserReplay:
     last_ts: float
 
 
+class DeviceState:
+    """Replay state resident on the session's device: h and c in two ping-pong buffer pairs (round r reads pair r % 2
+    and writes the other; ORT gives no in-place guarantee) and one probs buffer, all (N, .) float32, row-major. The
+    active users of a round are a prefix of the rows, so a round binds the first n rows of each buffer by pointer."""
+
+    def __init__(self, session: StepSession, h: np.ndarray, c: np.ndarray, probs: np.ndarray) -> None:
+        self.session = session
+        self.device = "cuda" if session.provider == CUDA else "cpu"
+        put = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)  # noqa: E731
+        self.hc = [(put(h), put(c)), (put(h), put(c))]
+        self.probs = put(probs)
+
+    def step(self, r: int, x: np.ndarray, start: int, stop: int) -> None:
+        """Round r for rows start..stop-1: features x (stop - start, F) from the host, the rest on the device."""
+        n, hsz, k = stop - start, self.session.hidden_size, self.probs.shape()[1]
+        io = self.session.session.io_binding()
+        io.bind_cpu_input("features", np.ascontiguousarray(x, dtype=np.float32))
+        (h_in, c_in), (h_out, c_out) = self.hc[r % 2], self.hc[(r + 1) % 2]
+        for name, buf, width in (("h", h_in, hsz), ("c", c_in, hsz)):
+            io.bind_input(name, self.device, 0, np.float32, [n, width], buf.data_ptr() + 4 * width * start)
+        for name, buf, width in (("probs", self.probs, k), ("h_next", h_out, hsz), ("c_next", c_out, hsz)):
+            io.bind_output(name, self.device, 0, np.float32, [n, width], buf.data_ptr() + 4 * width * start)
+        self.session.session.run_with_iobinding(io)
+
+    def read(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> probs, h, c (N, .) on the host; a user's last round (count - 1) wrote pair count % 2."""
+        probs = self.probs.numpy()
+        pairs = [(h.numpy(), c.numpy()) for h, c in self.hc]
+        odd = (counts % 2 == 1)[:, None]
+        return probs, np.where(odd, pairs[1][0], pairs[0][0]), np.where(odd, pairs[1][1], pairs[0][1])
+
+
 def replay_log(
-    session: StepSession, events: Iterable[tuple[str, Sequence[int], int, float]], max_batch: int = 65536
+    session: StepSession,
+    events: Iterable[tuple[str, Sequence[int], int, float]],
+    max_batch: int = 65536,
+    device_state: bool | None = None,
 ) -> dict[str, UserReplay]:
     """Replay (user_id, category_indices, action_index, ts) events in log order -> per-user final state.
 
     Every user starts from h0/c0; round r steps the r-th event of every user that has one (users ordered
     by decreasing event count, so the active users of a round are a prefix). gap = ts - the user's previous
     ts (nan for the first event), encoded by session.encoder exactly as the stream worker does.
+    ``device_state`` (default: on CUDA) keeps the state on the device between rounds (:class:`DeviceState`).
     """
     per_user: dict[str, list[tuple[Sequence[int], int, float]]] = {}
     for user, cats, action, ts in events:
@@ -206,8 +244,13 @@ def replay_log(
     users = sorted(per_user, key=lambda u: -len(per_user[u]))  # stable: ties keep first-seen order
     counts = np.array([len(per_user[u]) for u in users])
     h, c = session.initial_state(len(users))
-    probs = np.tile(session.meta.prior, (len(users), 1))
+    probs = np.tile(session.meta.prior, (len(users), 1)).astype(np.float32)
     last = np.full(len(users), np.nan)
+    on_device = (
+        DeviceState(session, h, c, probs)
+        if (session.provider == CUDA if device_state is None else device_state)
+        else None
+    )
     for r in range(int(counts[0])):
         n = int(np.count_nonzero(counts > r))  # users with more than r events: a prefix
         evs = [per_user[users[i]][r] for i in range(n)]
@@ -215,8 +258,13 @@ def replay_log(
         x = session.encoder.encode([e[0] for e in evs], [e[1] for e in evs], ts - last[:n])
         for s in range(0, n, max_batch):
             e = min(n, s + max_batch)
-            probs[s:e], h[s:e], c[s:e] = session.step(x[s:e], h[s:e], c[s:e])
+            if on_device is not None:
+                on_device.step(r, x[s:e], s, e)
+            else:
+                probs[s:e], h[s:e], c[s:e] = session.step(x[s:e], h[s:e], c[s:e])
         last[:n] = ts
+    if on_device is not None:
+        probs, h, c = on_device.read(counts)
     return {
         u: UserReplay(probs[i].copy(), h[i].copy(), c[i].copy(), int(counts[i]), float(last[i]))
         for i, u in enumerate(users)

@@ -83,6 +83,12 @@ def test_replay_matches_pytorch(session: StepSession, trained_model: Path):
             p = model(torch.from_numpy(x[None]))[0, -1].numpy()
         assert np.abs(out[u].probs - p).max() < 1e-5
         assert out[u].n_events == len(evs) and out[u].last_ts == evs[-1].ts
+    # the state kept in device buffers between rounds (CUDA's path; here on the CPU device), in chunks of 7 users
+    # bound by pointer offset: the same bits
+    dev = replay_log(session, events, max_batch=7, device_state=True)
+    for u in out:
+        assert np.array_equal(dev[u].probs, out[u].probs) and dev[u].n_events == out[u].n_events, u
+        assert np.array_equal(dev[u].h, out[u].h) and np.array_equal(dev[u].c, out[u].c), u
 
 
 def test_encoder_layout(session: StepSession):
@@ -242,6 +248,7 @@ def test_gpu_check_status_on_two_cpu_sessions(trained_model: Path, tmp_path: Pat
     rep = json.loads(out.read_text())
     assert rep["status"] == status and rep["parity_tolerance"] == 1e-5
     assert rep["sequence_parity"]["max_abs_dp"] == 0.0  # the sequence graph does not go through step()
+    assert (rep["replay_parity"]["max_abs_dp"] == 0.0) == (rc == 0) and rep["replay_parity"]["events"] > 3000
     assert bool(rep["parity_failures"]) == (rc == 1)
     assert not set(rep.get("errors", {})) & set(gpu_check.PARITY_SECTIONS)
     if not gpu_device_present():  # throughput needs CUDA: its errors are recorded, but are no parity failure
