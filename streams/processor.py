@@ -105,6 +105,12 @@ def decoder_for(session: StepSession, settings: Settings, catalog: dict[str, tup
     )
 
 
+# A dead letter keeps the original bytes up to this size. Only an event over INTEREST_MAX_EVENT_BYTES can be larger
+# (its size is checked first); near the broker's own limit (1 MiB by default) it would not fit again with the added
+# headers, the batch's delivery would fail and the worker would abandon and meet it again, for ever.
+DLQ_MAX_VALUE = 256 * 1024
+
+
 def original_headers(msg: Any) -> list[tuple[str, bytes]]:
     """A consumed message's headers as (name, value) pairs, to forward with it (re-key, dead letter)."""
     h = msg.headers or ()
@@ -310,9 +316,13 @@ class InterestProcessor:
                 ("dlq.detail", detail.encode("utf-8", "replace")),
                 ("dlq.source", f"{msg.topic}:{msg.partition}:{msg.offset}".encode()),
             ]
+            value = msg.value or b""
+            if len(value) > DLQ_MAX_VALUE:  # only an oversized event can be: cut, so the broker always takes it
+                headers.append(("dlq.truncated", b"%d" % len(value)))
+                value = value[:DLQ_MAX_VALUE]
             # a message without a key is spread by its source offset
             dlq_key = msg.key or b"%d" % msg.offset
-            add(dlq_topic, partition_for(dlq_topic, dlq_key), msg.key, msg.value or b"", headers)
+            add(dlq_topic, partition_for(dlq_topic, dlq_key), msg.key, value, headers)
         for key, msg in plan.rekey:
             add(rekey_topic, partition_for(rekey_topic, key), key, msg.value, original_headers(msg))
         plan.delivery = await batches.send()

@@ -11,7 +11,7 @@ import pytest
 from export.runtime import StepSession
 from streams.kafka import ensure_topics, output_producer
 from streams.lookup import bar_chart, get_interests
-from streams.processor import InterestProcessor
+from streams.processor import DLQ_MAX_VALUE, InterestProcessor, RawMessage, default_partition
 from streams.state import StateStore
 from streams.verify import verify_events
 from tests.streams.harness import consume_all, raw_messages
@@ -94,6 +94,33 @@ def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rcli
     assert int(rclient.hget(key, "events")) == 6
     out = consume_all(settings.kafka_bootstrap, settings.output_topic, len(events))
     assert [orjson.loads(r.value)["event_id"] for r in out] == [e["event_id"] for e in events]
+
+
+def test_a_huge_event_is_dead_lettered_cut_to_256_kib(settings_for) -> None:
+    """An event near the broker's size limit would not fit the dead-letter topic again with the added headers (the
+    worker would abandon its batch and meet it again, for ever): its dead letter is cut, and says so."""
+    settings = settings_for(device="cpu")
+    partitions = ensure_topics(settings)
+    proc = InterestProcessor.from_settings(settings, partitions)
+    huge = b'{"user_id": "h", "item_id": "' + b"x" * 1_000_000 + b'", "ts": 1}'
+    home = default_partition(b"h", partitions[settings.input_topic])  # else the good event is re-keyed
+    good = raw_messages(settings, [{"user_id": "h", "item_id": "1", "ts": 2}], start=1, partition=home)
+    msgs = [RawMessage(settings.input_topic, 0, 0, b"h", huge), *good]
+
+    async def run() -> None:
+        producer = output_producer(settings)
+        await producer.start()
+        try:
+            await proc.finish(await proc.prepare(msgs, producer), producer)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+    (dead,) = consume_all(settings.kafka_bootstrap, settings.dlq_topic, 1)
+    headers = dict(dead.headers)
+    assert headers["dlq.reason"] == b"oversized" and headers["dlq.truncated"] == str(len(huge)).encode()
+    assert dead.value == huge[:DLQ_MAX_VALUE]
+    assert len(consume_all(settings.kafka_bootstrap, settings.output_topic, 1)) == 1  # the good event went on
 
 
 def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
