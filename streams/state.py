@@ -58,10 +58,10 @@ local version, ttl, slen, nf = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), to
 local out, hset = {}, {}
 for i, key in ipairs(KEYS) do
   local at = 4 + nf + (i - 1) * (nf + 1)
-  local cur = redis.pcall('HMGET', key, 'model_version', 'events', 'state')
+  local cur = redis.pcall('HMGET', key, 'model_version', 'events')
   if cur.err then redis.call('DEL', key); cur = {} end
   local n = cur[2] and string.match(cur[2], '^%d+$') and tonumber(cur[2])
-  if cur[1] == version and n and cur[3] and #cur[3] == slen and n >= tonumber(ARGV[at + 1]) then
+  if cur[1] == version and n and n >= tonumber(ARGV[at + 1]) and redis.call('HSTRLEN', key, 'state') == slen then
     out[i] = 0
   else
     for j = 1, nf do hset[2 * j - 1] = ARGV[4 + j]; hset[2 * j] = ARGV[at + 1 + j] end
