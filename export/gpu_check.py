@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rep.data[key] = res = check(cpu, gpu)
             rep.save()
-            what = {"sequence_parity": f"sequence graph {res.get('path')} ({res.get('kind')})"}.get(key, "step graph")
-            what += ", replay with the state on the device" if key == "replay_parity" else ""
+            what = {"parity": "step graph", "replay_parity": "replay with the state on the device"}.get(key)
+            what = what or f"sequence graph {res['path']} ({res['kind']})"
             print(f"CUDA vs CPU parity, {what}: max |dp| = {res['max_abs_dp']:.3e}")
         except Exception as e:
             rep.error(key, e)

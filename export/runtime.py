@@ -246,11 +246,9 @@ def replay_log(
     h, c = session.initial_state(len(users))
     probs = np.tile(session.meta.prior, (len(users), 1)).astype(np.float32)
     last = np.full(len(users), np.nan)
-    on_device = (
-        DeviceState(session, h, c, probs)
-        if (session.provider == CUDA if device_state is None else device_state)
-        else None
-    )
+    if device_state is None:
+        device_state = session.provider == CUDA
+    on_device = DeviceState(session, h, c, probs) if device_state else None
     for r in range(int(counts[0])):
         n = int(np.count_nonzero(counts > r))  # users with more than r events: a prefix
         evs = [per_user[users[i]][r] for i in range(n)]

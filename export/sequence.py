@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx import TensorProto, compose, helper
 
 from export.features import ModelMeta
-from export.runtime import CUDA, INPUTS, OUTPUTS, StepSession, _session_options
+from export.runtime import CUDA, INPUTS, OUTPUTS, StepSession, _session_options, max_abs_diff, worst
 
 log = logging.getLogger("export.sequence")
 
@@ -253,9 +253,9 @@ def _check(model: Path, batch: int, steps: int, seed: int = 0) -> tuple[float, f
     for t in range(steps):
         rows = np.flatnonzero(mask[:, t])
         p, h[rows], c[rows] = step.step(feats[rows, t], h[rows], c[rows])
-        dp = max(dp, float(np.abs(p - p_seq[rows, t]).max()))
+        dp = worst(dp, max_abs_diff(p, p_seq[rows, t]))
     t_step = time.perf_counter() - t0
-    dh = float(max(np.abs(h - h_seq).max(), np.abs(c - c_seq).max()))
+    dh = worst(max_abs_diff(h, h_seq), max_abs_diff(c, c_seq))
     return dp, dh, t_seq / steps, t_step / t_seq, seq.kind
 
 

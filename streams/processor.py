@@ -415,8 +415,7 @@ class InterestProcessor:
             st.last_ts = click.ts
             st.events += 1
             row_events.append(st.events)
-            if window:
-                st.recent = (st.recent + click.fingerprint)[-window:]
+            st.recent = (st.recent + click.fingerprint)[-window:]  # dedup_window >= 1
             r = seen_in_batch.get(click.user_id, 0)
             seen_in_batch[click.user_id] = r + 1
             rows.append((click, msg))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from export.runtime import StepSession, replay_log
+from export.runtime import StepSession, max_abs_diff, replay_log, worst
 from streams.events import Rejected, encode_event
 from streams.processor import decoder_for
 from streams.settings import Settings
@@ -100,8 +100,8 @@ def verify_events(
             continue
         if int(events_stored or 0) != want.n_events:
             report.wrong_count.append((u, want.n_events, int(events_stored or 0)))
-        dp = float(np.max(np.abs(np.asarray(orjson.loads(probs), dtype=np.float64) - want.probs)))
-        report.max_dp = max(report.max_dp, dp)
+        dp = max_abs_diff(np.asarray(orjson.loads(probs), dtype=np.float64), want.probs)  # NaN counts as inf
+        report.max_dp = worst(report.max_dp, dp)
         if not dp <= tolerance:
             report.mismatched.append((u, dp))
     return report
