@@ -4,20 +4,32 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+KAFKA_LIBS := .deps/kafka/libs
+KAFKA_STAMP := .deps/kafka/.installed
 
 .PHONY: setup system-deps services-up services-down demo test test-fast lint format model bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(KAFKA_STAMP)
 
-# apt packages the tests and the demo need: redis-server, docker-compose (only to validate the compose file; no
-# Docker engine runs here), and python3-venv where Debian's python3 lacks venv's ensurepip. Skipped when there.
+# apt packages the tests and the demo need: redis-server, kcat, a Java runtime and Maven (Apache Kafka's broker runs
+# from Maven Central's jars), docker-compose (only to validate the compose file; no Docker engine runs here), and
+# python3-venv where Debian's python3 lacks venv's ensurepip. Skipped when there.
 system-deps:
 	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v kcat >/dev/null 2>&1 || missing="$$missing kcat"; \
+	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null 2>&1 || missing="$$missing maven"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	$(PY) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then echo "installing (apt):$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+# Apache Kafka's broker: the jars deps/kafka/pom.xml pins, from Maven Central (Maven checks their checksums).
+$(KAFKA_STAMP): deps/kafka/pom.xml | system-deps
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f deps/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
+	@touch $(KAFKA_STAMP)
 
 # torch first, pinned, from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build; training and export
 # need no GPU, and ONNX Runtime brings its own CUDA provider); plain PyPI if that index cannot be reached.
@@ -61,4 +73,4 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 clean: services-down
-	rm -rf .run artifacts .pytest_cache .ruff_cache
+	rm -rf .run artifacts .pytest_cache .ruff_cache .deps

