@@ -10,6 +10,8 @@
 | `interest_stale_writes_total`            | counter   | writes refused because Redis held a newer state      |
 | `interest_redis_retries_total`           | counter   | Redis operations retried while it was unreachable    |
 | `interest_corrupt_states_total`          | counter   | damaged user states read from Redis (logged)         |
+| `interest_undecodable_batches_total{reason}` | counter | input record batches skipped undecoded (logged)    |
+| `interest_undecodable_events_total`      | counter   | offsets those skipped batches covered                |
 | `interest_batch_size`                    | histogram | events per batch                                     |
 | `interest_ort_step_seconds`              | histogram | one ONNX Runtime step call                           |
 | `interest_redis_write_seconds`           | histogram | one batch's Redis pipeline                           |
@@ -18,6 +20,7 @@
 | `interest_batch_stage_seconds{stage}`    | histogram | where a batch's time goes (**)                       |
 | `interest_users_cached`                  | gauge     | user states in the in-process cache                  |
 | `interest_partitions_assigned`           | gauge     | input and re-key partitions this worker owns         |
+| `interest_consumer_lag{topic,partition}` | gauge     | records in an owned partition not yet applied        |
 
 (*) sampled: 16 to 31 evenly spaced events of each batch (all of a smaller one).
 (**) one observation per batch and stage, timed in the agent's process: ``consume`` the batch's first event from
@@ -54,6 +57,15 @@ class Metrics:
         self.stale_writes = Counter("interest_stale_writes", "Writes refused: Redis held newer state", registry=r)
         self.redis_retries = Counter("interest_redis_retries", "Redis operations retried", registry=r)
         self.corrupt_states = Counter("interest_corrupt_states", "Damaged user states read from Redis", registry=r)
+        self.undecodable_batches = Counter(
+            "interest_undecodable_batches",
+            "Input record batches skipped because they could not be decoded",
+            ["reason"],
+            registry=r,
+        )
+        self.undecodable_events = Counter(
+            "interest_undecodable_events", "Offsets covered by skipped undecodable batches", registry=r
+        )
         self.batch_size = Histogram(
             "interest_batch_size",
             "Events per batch",
@@ -88,6 +100,13 @@ class Metrics:
         self.users_cached = Gauge("interest_users_cached", "User states in the in-process cache", registry=r)
         self.partitions_assigned = Gauge(
             "interest_partitions_assigned", "Input and re-key partitions this worker owns", registry=r
+        )
+
+        self.consumer_lag = Gauge(
+            "interest_consumer_lag",
+            "Records in an owned partition not yet applied (high watermark - next offset to apply)",
+            ["topic", "partition"],
+            registry=r,
         )
 
     def observe_latencies(self, from_produce: list[float], from_event: list[float]) -> None:

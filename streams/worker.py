@@ -112,15 +112,31 @@ def run(args: argparse.Namespace) -> int:
         )
     check_redis(settings)
 
-    from streams.kafka import ensure_topics
+    from streams.kafka import ensure_topics, skip_undecodable_batches
+    from streams.metrics import Metrics
 
     partitions = ensure_topics(settings)
+    metrics = Metrics()
+
+    def skipped(topic: str, partition: int, first: int, last: int, error: Exception) -> None:
+        log.error(
+            "skipped a record batch that cannot be decoded: %s[%d] offsets %d-%d (%s: %s); the events stay in the "
+            "topic at those offsets",
+            topic,
+            partition,
+            first,
+            last,
+            type(error).__name__,
+            error,
+        )
+        metrics.undecodable_batches.labels(type(error).__name__).inc()
+        metrics.undecodable_events.inc(last - first + 1)
+
+    skip_undecodable_batches(skipped)
 
     # import the app only now: it reads the same settings at import time
     from streams import app as faust_app
-    from streams.metrics import Metrics
 
-    metrics = Metrics()
     if settings.step_process:
         from streams.stepper import StepperProcess
 
