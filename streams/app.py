@@ -93,6 +93,7 @@ clicks_topic = app.topic(settings.input_topic, settings.rekey_topic, key_seriali
 
 processor: StepperProcess | InterestProcessor | None = None
 metrics: Metrics = Metrics()
+applied_to: dict = {}  # TP -> offset after the last event applied (acked) in this worker, for the lag gauge
 
 
 def bind(ready: StepperProcess | InterestProcessor, worker_metrics: Metrics) -> None:
@@ -212,6 +213,7 @@ class BatchPipeline:
                 self.stage["write"].observe(time.perf_counter() - stepped)
                 for event in events:
                     await ack(event)
+                    applied_to[event.message.tp] = event.message.offset + 1
             except Exception as exc:  # an unrecoverable broker or Redis error: never ack what was not applied
                 log.exception("batch failed")
                 abandon(f"batch failed: {exc!r}")
@@ -255,6 +257,23 @@ async def count_assigned(sender: faust.App, assigned: set, **kwargs: object) -> 
 @app.on_partitions_revoked.connect
 async def drop_cached_states(sender: faust.App, revoked: set, **kwargs: object) -> None:
     """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""
+    for tp in revoked:
+        applied_to.pop(tp, None)
+        with contextlib.suppress(KeyError):
+            metrics.consumer_lag.remove(tp.topic, str(tp.partition))
     if processor is not None and revoked:
         processor.drop_cache()
         log.info("partitions revoked (%d): state cache dropped", len(revoked))
+
+
+@app.timer(5.0)
+async def report_lag() -> None:
+    """Per owned partition: its high watermark (as of the last fetch) minus the next offset to apply, which is the
+    offset after the last event this worker applied, or the group's committed offset before that."""
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None or highwater < 0:
+            continue
+        next_offset = applied_to.get(tp) or consumer._committed_offset.get(tp) or 0
+        metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
