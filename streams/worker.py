@@ -13,6 +13,7 @@ import argparse
 import gc
 import logging
 import logging.config
+import signal
 import sys
 import time
 
@@ -38,6 +39,28 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out).decode()
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one record of each (logger, message template) through per ``interval`` seconds, and says how many it
+    held back: while a broker is down, aiokafka logs every failed connect, fetch and metadata request, some ten lines
+    a second."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last: dict[tuple[str, object], tuple[float, int]] = {}  # -> (when let through, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        seen = self.last.get(key)
+        if seen is not None and record.created - seen[0] < self.interval:
+            self.last[key] = (seen[0], seen[1] + 1)
+            return False
+        if seen is not None and seen[1]:
+            record.msg = f"{record.msg} ({seen[1]} more like it in the last {record.created - seen[0]:.0f}s)"
+        self.last[key] = (record.created, 0)
+        return True
+
+
 def logging_config(settings: Settings) -> dict:
     formatter = (
         {"()": JsonFormatter}
@@ -48,9 +71,20 @@ def logging_config(settings: Settings) -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"main": formatter},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}},
+        "filters": {"repeats": {"()": RepeatFilter}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"},
+            "clients": {
+                "class": "logging.StreamHandler",
+                "formatter": "main",
+                "stream": "ext://sys.stderr",
+                "filters": ["repeats"],
+            },
+        },
         "root": {"level": settings.log_level, "handlers": ["stderr"]},
-        "loggers": {"aiokafka": {"level": "WARNING"}, "kafka": {"level": "WARNING"}},
+        "loggers": {
+            name: {"level": "WARNING", "handlers": ["clients"], "propagate": False} for name in ("aiokafka", "kafka")
+        },
     }
 
 
@@ -97,7 +131,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _stop_during_startup(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run(args: argparse.Namespace) -> int:
+    # a SIGTERM before Faust installs its own handler (model loading, topic creation) is a clean exit: nothing has
+    # been consumed yet
+    signal.signal(signal.SIGTERM, _stop_during_startup)
     overrides = {"log_level": args.log_level} if args.log_level else {}
     settings = load_settings(**overrides)
     logging.config.dictConfig(logging_config(settings))
