@@ -153,8 +153,10 @@ def client_config(settings: Settings) -> dict[str, object]:
 
 
 def output_producer(settings: Settings) -> Any:
-    """An aiokafka producer (not started) for the worker's records, configured like Faust's own: acks from all
-    in-sync replicas, a 1 ms linger (a batch waits for delivery of its records) and 256 KiB record batches."""
+    """An aiokafka producer (not started) for the worker's records (output, dead letters, re-keys): idempotent (acks
+    from all in-sync replicas; a batch resent after a lost acknowledgement is not written twice, so a broker failover
+    duplicates no output record and no re-keyed event), a 1 ms linger (a batch waits for delivery of its records) and
+    256 KiB record batches."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.helpers import create_ssl_context
 
@@ -162,7 +164,14 @@ def output_producer(settings: Settings) -> Any:
     ssl = {k: cfg.pop(f"ssl_{k}", None) for k in ("cafile", "certfile", "keyfile")}
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
         cfg["ssl_context"] = create_ssl_context(**ssl)
-    return AIOKafkaProducer(**cfg, acks="all", linger_ms=1, max_batch_size=256 * 1024, client_id=settings.app_id)
+    return AIOKafkaProducer(
+        **cfg,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=1,
+        max_batch_size=256 * 1024,
+        client_id=settings.app_id,
+    )
 
 
 def admin(settings: Settings) -> KafkaAdminClient:
