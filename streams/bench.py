@@ -3,7 +3,8 @@
     interest-stream bench --out artifacts/bench                 # full run, ~6-8 min on 2 cores
     interest-stream bench --out artifacts/bench-quick --quick   # CI smoke, < 3 min (small event counts)
 
-Everything runs in one go on one broker (Tansu) and one Redis, both started here on free ports and stopped at the end,
+Everything runs in one go on one Apache Kafka broker (KRaft, one node) and one Redis, both started here on free ports
+and stopped at the end,
 with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: a fast model in
 ``artifacts/models/bench-fast``). Figures (events/s unless said otherwise):
 
@@ -36,9 +37,8 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    ``worker_faust``, ``step_process``), the bench's producer, the broker and Redis.
    ``latency_stages_ms`` = where a batch's time went, per batch, from the worker's ``interest_batch_stage_seconds``
    (consume: its first event from produce to the agent; collect; step; write: delivered and in Redis).
-   ``latency_output_ms_halves`` = produce -> output record in the run's first and second half (by send time): the
-   local broker (Tansu's memory engine) costs more CPU as partitions grow (~25 -> ~50 % of a core over a 20-s run
-   at 5,000 events/s when the producer lingered 1 ms; see PRODUCER_LINGER_MS), and the tail with it.
+   ``latency_output_ms_halves`` = produce -> output record in the run's first and second half (by send time), to
+   show a tail that grows over the run.
 5. scale in users: the same real event stream with every event given a synthetic id hashed into a space of 1,000 vs
    1,000,000 ids (with 200k events the 1M space touches ~180k distinct users, almost all cold and uncached: each
    costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
@@ -72,12 +72,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.errors import ServiceError
 from streams.services import WorkerProcess, metric_total, spawn_worker, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 MAX_BATCH = 2000  # the worker's default take(max_batch)
-SESSION_TIMEOUT_S = "6"  # Tansu: joining a group takes about half the session timeout
+SESSION_TIMEOUT_S = "6"  # Kafka's lowest (group.min.session.timeout.ms)
 
 TARGETS = {
     "product_vs_noop": 0.70,
@@ -276,8 +277,6 @@ class Bench:
 
             def up(w=w) -> bool:
                 if not w.alive():
-                    from models.errors import ServiceError
-
                     tail = w.log.read_text(errors="replace")[-2000:]
                     raise ServiceError(f"worker exited with {w.proc.returncode}: {tail}")
                 return metric_total(w.samples(), "interest_events_in_total") >= 0
@@ -319,8 +318,6 @@ class Bench:
         finally:
             stop_all([proc], 10)
         if not result.is_file():
-            from models.errors import ServiceError
-
             raise ServiceError(f"noop worker failed; see {self.logs / 'noop-worker.log'}")
         r = json.loads(result.read_text())
         eps = (r["events"] - r["first_batch"]) / max(r["last"] - r["first"], 1e-9)
@@ -473,34 +470,29 @@ class Bench:
             rss = [0] * workers
             t_first = a_first = t_last = None
             deadline = time.monotonic() + 120 + n / 500
-            while True:
-                applied = sum(metric_total(w.samples(), "interest_events_applied_total") for w in procs)
-                now = time.perf_counter()
-                for i, p in enumerate(ps):
-                    with contextlib.suppress(psutil.Error):  # the worker and its step process
-                        rss[i] = max(rss[i], sum(q.memory_info().rss for q in (p, *p.children())))
-                if applied > 0 and t_first is None:
-                    t_first, a_first = now, applied
-                if applied >= n:
-                    t_last = now
-                    break
-                for w in procs:
-                    if not w.alive():
-                        from models.errors import ServiceError
-
-                        raise ServiceError(f"worker died: see {w.log}")
-                if t_first is None and any(metric_total(w.samples(), "interest_dead_letters_total") for w in procs):
-                    from models.errors import ServiceError
-
-                    raise ServiceError(f"{name}: events dead-lettered instead of applied; see {procs[0].log}")
-                if time.monotonic() > deadline:
-                    from models.errors import ServiceError
-
-                    raise ServiceError(f"{name}: only {applied:.0f}/{n} events applied before the deadline")
-                # each scrape costs the worker (~2 % of its main thread at 4 Hz in py-spy), and the no-op agent is not
-                # scraped at all: poll about four times over the time left, down to 20 Hz at the very end
-                rate = (applied - a_first) / (now - t_first) if t_first is not None and now > t_first else 0.0
-                time.sleep(min(1.0, max(0.05, (n - applied) / rate / 4)) if rate > 0 else 0.25)
+            with CpuUse([w.pid for w in procs], self.service_pids) as cpu:
+                while True:
+                    applied = sum(metric_total(w.samples(), "interest_events_applied_total") for w in procs)
+                    now = time.perf_counter()
+                    for i, p in enumerate(ps):
+                        with contextlib.suppress(psutil.Error):  # the worker and its step process
+                            rss[i] = max(rss[i], sum(q.memory_info().rss for q in (p, *p.children())))
+                    if applied > 0 and t_first is None:
+                        t_first, a_first = now, applied
+                    if applied >= n:
+                        t_last = now
+                        break
+                    for w in procs:
+                        if not w.alive():
+                            raise ServiceError(f"worker died: see {w.log}")
+                    if t_first is None and any(metric_total(w.samples(), "interest_dead_letters_total") for w in procs):
+                        raise ServiceError(f"{name}: events dead-lettered instead of applied; see {procs[0].log}")
+                    if time.monotonic() > deadline:
+                        raise ServiceError(f"{name}: only {applied:.0f}/{n} events applied before the deadline")
+                    # each scrape costs the worker (~2 % of its main thread at 4 Hz in py-spy), and the no-op agent is
+                    # not scraped at all: poll about four times over the time left, down to 20 Hz at the very end
+                    rate = (applied - a_first) / (now - t_first) if t_first is not None and now > t_first else 0.0
+                    time.sleep(min(1.0, max(0.05, (n - applied) / rate / 4)) if rate > 0 else 0.25)
             final = [w.samples() for w in procs]
         finally:
             if spy is not None:
@@ -530,6 +522,10 @@ class Bench:
             "redis_keys": keys,
             "redis_used_delta_bytes": mem1 - mem0,
             "redis_bytes_per_user": (mem1 - mem0) / keys if keys else float("nan"),
+            # from the workers' start-up to the last applied event: the workers (with their step processes), the
+            # broker and Redis, % of one core; and events per CPU-second of the workers' processes
+            "cpu_pct": cpu.result,
+            "worker_events_per_cpu_s": n / max(cpu.result.get("worker", 0.0) / 100 * cpu.result["seconds"], 1e-9),
         }
 
     # ---- 3: naive -------------------------------------------------------------------------------------------------
@@ -583,19 +579,19 @@ class Bench:
         return r
 
     # ---- 4: latency ------------------------------------------------------------------------------------------------
-    def latency(self, ds, rate: float, seconds: float, warmup: int) -> dict:
+    def latency(self, ds, rate: float, seconds: float, warmup: int, tag: str = "lat", **worker_env: str) -> dict:
         import orjson
         from kafka import KafkaConsumer
 
         from streams.kafka import ensure_topics
         from streams.metrics import BATCH_STAGES
 
-        env = self.names("lat")
+        env = self.names(tag) | worker_env
         settings = self.settings(env)
         ensure_topics(settings)
         n = max(500, int(rate * seconds))
         events = looped_events(ds, loops=2 + (n + warmup) // len(ds.events))
-        worker = self.start_worker(env, "latency-0")
+        worker = self.start_worker(env, f"latency-{tag}")
         topic = settings.input_topic
         sent_at: dict[str, float] = {}
         try:
@@ -710,8 +706,6 @@ class Bench:
         finally:
             stop_all([proc], 10)
         if not result.exists():
-            from models.errors import ServiceError
-
             raise ServiceError(f"{command} failed; see {self.logs / f'{command}.log'}")
         return json.loads(result.read_text()), offered, cpu.result
 
@@ -806,6 +800,7 @@ class CpuUse:
             100 * (b - a) / wall for a, b in zip(self._start[1:], end[1:], strict=True)
         )
         self.result = {"machine": round(machine, 1), "load_generator": round(mine, 1), "cores": os.cpu_count() or 1}
+        self.result["seconds"] = round(wall, 2)
         self.result |= {name: round(pct, 1) for name, pct in zip(self.services, services, strict=True)}
         if self.mains:
             self.result["worker"] = round(mains + children, 1)
@@ -930,7 +925,11 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "latency_faust_ms": r["faust_latency"]["agent_ms"],
         "latency_cpu_pct": lat["cpu_pct"],
         "latency_stages_ms": lat["stages_ms"],
+        "latency_fetch_wait_500_ms": r["latency_wait500"]["redis_ms"],
+        "latency_fetch_wait_500_cpu_pct": r["latency_wait500"]["cpu_pct"],
         "latency_output_ms_halves": lat["output_ms_halves"],
+        "product_cpu_pct_1w": r["p1"]["cpu_pct"],
+        "worker_events_per_cpu_s": round(r["p1"]["worker_events_per_cpu_s"]),
         "users_1k_eps": round(r["u1k"]["eps"]),
         "users_1m_eps": round(r["u1m"]["eps"]),
         "rss_mb": max(r["u1m"]["rss_mb"]),
@@ -964,7 +963,7 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
 def write_markdown(path: Path, res: dict) -> None:
     d = res["details"]
     lat, lo, tr, fa = res["latency_ms"], res["latency_output_ms"], res["latency_transport_ms"], res["latency_faust_ms"]
-    cpu = res["latency_cpu_pct"]
+    cpu, pcpu = res["latency_cpu_pct"], res["product_cpu_pct_1w"]
     rows = [
         ("Faust no-op agent, take_events(2000)", f"{res['faust_noop_eps']:,}", f"{d['noop']['events']:,} events"),
         ("aiokafka raw consumer (getmany)", f"{res['aiokafka_raw_eps']:,}", f"{d['raw']['events']:,} events"),
@@ -988,7 +987,8 @@ def write_markdown(path: Path, res: dict) -> None:
         f"# interest-stream bench ({'quick' if res['meta']['quick'] else 'full'} run)",
         "",
         f"{res['meta']['when']}, {res['meta']['cpus']} CPUs, load average at start {res['meta']['loadavg']}, "
-        f"model `{res['meta']['model']}`. Shared machine: absolute rates are noisy, ratios of one run are what count.",
+        f"model `{res['meta']['model']}`, broker {res['meta']['broker']}. Shared machine: absolute rates are noisy, "
+        "ratios of one run are what count.",
         "",
         "| what | events/s | notes |",
         "|---|---:|---|",
@@ -1013,8 +1013,16 @@ def write_markdown(path: Path, res: dict) -> None:
         f"process {cpu.get('worker')} (Faust's process {cpu.get('worker_faust')}, the step process "
         f"{cpu.get('step_process')}), the bench's paced producer {cpu['load_generator']}, the broker "
         f"{cpu.get('broker')}, Redis {cpu.get('redis')}. Produce -> output record p99 in the run's first half "
-        f"{res['latency_output_ms_halves'][0]['p99']} ms, second half {res['latency_output_ms_halves'][1]['p99']} ms "
-        "(the local broker's memory engine costs more CPU as partitions grow).",
+        f"{res['latency_output_ms_halves'][0]['p99']} ms, second half {res['latency_output_ms_halves'][1]['p99']} ms.",
+        "",
+        f"With aiokafka's own fetch wait (500 ms) instead of the worker's cap "
+        f"({res['meta'].get('fetch_max_wait_ms')} ms), same rate: produce -> Redis p50 "
+        f"{res['latency_fetch_wait_500_ms']['p50']} ms, p99 {res['latency_fetch_wait_500_ms']['p99']} ms; the broker "
+        f"{res['latency_fetch_wait_500_cpu_pct'].get('broker')} % of a core (capped: {cpu.get('broker')} %).",
+        "",
+        f"CPU during the 1-worker product run (from its start to the last applied event, % of one core): worker and "
+        f"step process {pcpu.get('worker')}, the broker {pcpu.get('broker')}, Redis {pcpu.get('redis')}: "
+        f"{res['worker_events_per_cpu_s']:,} events per CPU-second of the worker's processes.",
         "",
         f"Memory at the 1M-id run: worker RSS (with its step process) {res['rss_mb']} MB, "
         f"Redis {res['redis_bytes_per_user']:,} B/user "
@@ -1110,7 +1118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from export.onnx_export import build_default_model
     from models.data import load_dataset
-    from streams.services import free_port, start_broker, start_redis
+    from streams.services import KAFKA_HEAP, free_port, kafka_version, start_broker, start_redis
+    from streams.settings import Settings
 
     t_start = time.perf_counter()
     plan = Plan.make(args.quick)
@@ -1137,8 +1146,9 @@ def run(args: argparse.Namespace) -> int:
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "model": str(model),
-        "broker": "tansu (memory)",
+        "broker": f"apache-kafka {kafka_version()} (KRaft, one node, heap {KAFKA_HEAP})",
         "producer_linger_ms": PRODUCER_LINGER_MS,
+        "fetch_max_wait_ms": Settings.model_fields["fetch_max_wait_ms"].default,
     }
     r: dict = {}
     try:
@@ -1161,6 +1171,15 @@ def run(args: argparse.Namespace) -> int:
         r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
+        # the worker's fetch-wait cap against aiokafka's own 500 ms wait (a fetch returns as soon as data is there)
+        r["latency_wait500"] = bench.latency(
+            ds,
+            r["p1"]["eps"] / 2,
+            plan.latency_seconds,
+            plan.latency_warmup,
+            "lat500",
+            INTEREST_FETCH_MAX_WAIT_MS="500",
+        )
         r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["faust_latency"] = bench.latency_faust(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
 

@@ -3,7 +3,7 @@
     interest-stream demo                 # (make demo) runs until the replay is applied, then stops everything
     interest-stream demo --keep-running  # leaves the worker and services up until Ctrl-C
 
-Steps: start Tansu and redis-server on 127.0.0.1 (reused if already up), train and export the model if
+Steps: start Apache Kafka and redis-server on 127.0.0.1 (reused if already up), train and export the model if
 ``artifacts/models/movielens-100k/model.onnx`` is missing, start ``interest-stream worker``, replay MovieLens 100K
 into the input topic, and print the event rate and live interest bars for a few users every two seconds.
 """

@@ -29,6 +29,7 @@ NUMBERS = (
     "rss_mb",
     "redis_bytes_per_user",
     "latency_offered_eps",
+    "worker_events_per_cpu_s",
 )
 QUANTILES = ("latency_ms", "latency_output_ms", "latency_transport_ms", "latency_faust_ms")
 RATIOS = ("product_vs_noop", "product_vs_naive", "users_1m_vs_1k")
@@ -66,6 +67,9 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
     assert cpu["machine"] <= 100 * cpu["cores"] + 5  # % of one core, at most all cores (+ sampling slack)
     for key in RATIOS:
         assert _positive(res["ratios"][key]), f"ratios.{key}"
+    product_cpu = res["product_cpu_pct_1w"]
+    assert all(_positive(product_cpu[k]) for k in ("worker", "broker", "redis")), product_cpu
+    assert res["meta"]["broker"].startswith("apache-kafka 4.1")
     assert set(res["targets"]) and all(isinstance(v, bool) for v in res["targets"].values())
     assert "| target |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
