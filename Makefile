@@ -9,15 +9,16 @@ KAFKA_STAMP := .deps/kafka/.installed
 
 .PHONY: setup system-deps services-up services-down demo test test-fast lint format model bench clean
 
-setup: $(STAMP) $(KAFKA_STAMP)
+setup: $(STAMP) $(KAFKA_STAMP) test-clients
 
-# apt packages the tests and the demo need: redis-server, kcat, a Java runtime and Maven (Apache Kafka's broker runs
-# from Maven Central's jars), docker-compose (only to validate the compose file; no Docker engine runs here), and
+# apt packages the tests and the demo need: redis-server, kcat, a JDK and Maven (Apache Kafka's broker runs from Maven
+# Central's jars; javac builds the test's Java producer), npm (the kafkajs test producer), docker-compose (only to validate the compose file; no Docker engine runs here), and
 # python3-venv where Debian's python3 lacks venv's ensurepip. Skipped when there.
 system-deps:
 	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v kcat >/dev/null 2>&1 || missing="$$missing kcat"; \
-	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
+	command -v javac >/dev/null 2>&1 || missing="$$missing openjdk-17-jdk-headless"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	command -v mvn >/dev/null 2>&1 || missing="$$missing maven"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	$(PY) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
@@ -31,13 +32,40 @@ $(KAFKA_STAMP): deps/kafka/pom.xml | system-deps
 	mvn -q -B -f deps/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
 	@touch $(KAFKA_STAMP)
 
+# The conformance tests' producers (tests/streams/test_conformance.py): Apache Kafka's Java client (Maven Central,
+# checksums checked; FileProducer.java compiled into .deps/clients/java/classes) and kafkajs (npm ci from the committed
+# package-lock.json). Each reruns only when its inputs change.
+CLIENTS_JAVA := .deps/clients/java
+CLIENTS_JAVA_STAMP := $(CLIENTS_JAVA)/.installed
+KAFKAJS_DIR := tests/clients/kafkajs
+KAFKAJS_STAMP := $(KAFKAJS_DIR)/node_modules/.installed
+
+.PHONY: test-clients
+test-clients: $(CLIENTS_JAVA_STAMP) $(KAFKAJS_STAMP)
+
+$(CLIENTS_JAVA_STAMP): tests/clients/java/pom.xml tests/clients/java/FileProducer.java | system-deps
+	rm -rf $(CLIENTS_JAVA)
+	mvn -q -B -f tests/clients/java/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(CLIENTS_JAVA)
+	javac -d $(CLIENTS_JAVA)/classes -cp '$(CLIENTS_JAVA)/*' tests/clients/java/FileProducer.java
+	@touch $(CLIENTS_JAVA_STAMP)
+
+$(KAFKAJS_STAMP): $(KAFKAJS_DIR)/package.json $(KAFKAJS_DIR)/package-lock.json | system-deps
+	npm ci --prefix $(KAFKAJS_DIR) --no-audit --no-fund
+	@touch $(KAFKAJS_STAMP)
+
 # torch first, pinned, from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build; training and export
-# need no GPU, and ONNX Runtime brings its own CUDA provider); plain PyPI if that index cannot be reached.
+# need no GPU, and ONNX Runtime brings its own CUDA provider); plain PyPI if that index cannot be reached. The wheels
+# are kept in a folder of the machine's (WHEELS), so every clone on it (CI's included) downloads torch once.
+WHEELS ?= $(HOME)/.cache/interest-stream/wheels
+TORCH := torch==2.13.0
 $(STAMP): pyproject.toml | system-deps
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-	  || $(BIN)/python -m pip install -q torch==2.13.0
+	@mkdir -p $(WHEELS)
+	$(BIN)/python -m pip install -q --no-index --find-links $(WHEELS) $(TORCH) 2>/dev/null \
+	  || { { $(BIN)/python -m pip download -q -d $(WHEELS) $(TORCH) --index-url https://download.pytorch.org/whl/cpu \
+	         || $(BIN)/python -m pip download -q -d $(WHEELS) $(TORCH); } \
+	       && $(BIN)/python -m pip install -q --no-index --find-links $(WHEELS) $(TORCH); }
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 	@echo "ready: $(BIN)/interest-stream"

@@ -4,6 +4,7 @@
     interest-stream replay --dataset taobao --data ../shared/data/taobao-userbehavior-sample --rate 2000
     interest-stream replay --dataset csv --data events.csv --items items.csv
     interest-stream replay --dataset movielens-100k --data ../shared/data/ml-100k --loops 3 --users 1000000
+    interest-stream replay --dataset movielens-100k --data ../shared/data/ml-100k --compression zstd
 
 Each event goes out keyed by its user id as ``{"user_id", "item_id", "ts", "action", "event_id"}`` with
 ``event_id = "<dataset>:<line>[:<loop>]"``. ``--loops N`` replays the log N times with user ids made distinct per loop
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from models.data import Dataset, add_dataset_arguments, load_dataset
 from models.errors import ConfigError
 from streams.events import encode_event
+
+COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")  # kafka-python's codecs ("none": uncompressed)
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,15 +63,33 @@ def wire_events(
             yield event
 
 
-def produce(settings, events: Iterator[dict[str, object]], total: int, rate: float | None, progress: bool) -> int:
-    """Send ``events`` keyed by user id; ``rate`` events/s or as fast as possible. Returns the count sent."""
+def produce(
+    settings,
+    events: Iterator[dict[str, object]],
+    total: int,
+    rate: float | None,
+    progress: bool,
+    compression: str = "none",
+) -> int:
+    """Send ``events`` keyed by user id; ``rate`` events/s or as fast as possible; record batches compressed with
+    ``compression`` (one of :data:`COMPRESSIONS`). Returns the count sent."""
     from kafka import KafkaProducer
     from tqdm import tqdm
 
     from streams.kafka import client_config, ensure_topics
 
+    if compression not in COMPRESSIONS:
+        raise ConfigError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
     ensure_topics(settings)
-    producer = KafkaProducer(**client_config(settings), linger_ms=5, batch_size=256 * 1024, acks=1)
+    codec = None if compression == "none" else compression
+    # kafka-python's defaults otherwise: idempotent with acks=all, so a retry neither duplicates nor reorders events
+    producer = KafkaProducer(
+        **client_config(settings),
+        linger_ms=5,
+        batch_size=256 * 1024,
+        compression_type=codec,
+        reconnect_backoff_max_ms=1000,  # Java's default: back within a second of a broker's return (not 30 s)
+    )
     topic = settings.input_topic
     sent = 0
     t0 = time.monotonic()
@@ -95,6 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser)
     parser.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        default="none",
+        help="the producer's compression codec (default: none)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,9 +131,8 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, args.data, args.items)
     total = min(args.limit or len(ds.events), len(ds.events)) * args.loops
     t0 = time.monotonic()
-    sent = produce(
-        settings, wire_events(ds, args.limit, args.loops, args.users), total, args.rate, not args.no_progress
-    )
+    events = wire_events(ds, args.limit, args.loops, args.users)
+    sent = produce(settings, events, total, args.rate, not args.no_progress, compression=args.compression)
     elapsed = time.monotonic() - t0
     print(f"produced {sent} events to {settings.input_topic} in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s)")
     return 0
