@@ -22,7 +22,6 @@ import time
 
 import faust
 
-from streams.kafka import cap_fetch_wait
 from streams.metrics import BATCH_STAGES, Metrics
 from streams.processor import BatchPlan, InterestProcessor
 from streams.settings import Settings, get_settings
@@ -58,8 +57,6 @@ def broker_credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
         return faust.SSLCredentials(context)
     return None
 
-
-cap_fetch_wait(settings.fetch_max_wait_ms)
 
 app = faust.App(
     settings.app_id,

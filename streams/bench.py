@@ -925,8 +925,6 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "latency_faust_ms": r["faust_latency"]["agent_ms"],
         "latency_cpu_pct": lat["cpu_pct"],
         "latency_stages_ms": lat["stages_ms"],
-        "latency_fetch_wait_500_ms": r["latency_wait500"]["redis_ms"],
-        "latency_fetch_wait_500_cpu_pct": r["latency_wait500"]["cpu_pct"],
         "latency_output_ms_halves": lat["output_ms_halves"],
         "product_cpu_pct_1w": r["p1"]["cpu_pct"],
         "worker_events_per_cpu_s": round(r["p1"]["worker_events_per_cpu_s"]),
@@ -1014,11 +1012,6 @@ def write_markdown(path: Path, res: dict) -> None:
         f"{cpu.get('step_process')}), the bench's paced producer {cpu['load_generator']}, the broker "
         f"{cpu.get('broker')}, Redis {cpu.get('redis')}. Produce -> output record p99 in the run's first half "
         f"{res['latency_output_ms_halves'][0]['p99']} ms, second half {res['latency_output_ms_halves'][1]['p99']} ms.",
-        "",
-        f"With aiokafka's own fetch wait (500 ms) instead of the worker's cap "
-        f"({res['meta'].get('fetch_max_wait_ms')} ms), same rate: produce -> Redis p50 "
-        f"{res['latency_fetch_wait_500_ms']['p50']} ms, p99 {res['latency_fetch_wait_500_ms']['p99']} ms; the broker "
-        f"{res['latency_fetch_wait_500_cpu_pct'].get('broker')} % of a core (capped: {cpu.get('broker')} %).",
         "",
         f"CPU during the 1-worker product run (from its start to the last applied event, % of one core): worker and "
         f"step process {pcpu.get('worker')}, the broker {pcpu.get('broker')}, Redis {pcpu.get('redis')}: "
@@ -1119,7 +1112,6 @@ def run(args: argparse.Namespace) -> int:
     from export.onnx_export import build_default_model
     from models.data import load_dataset
     from streams.services import KAFKA_HEAP, free_port, kafka_version, start_broker, start_redis
-    from streams.settings import Settings
 
     t_start = time.perf_counter()
     plan = Plan.make(args.quick)
@@ -1148,7 +1140,6 @@ def run(args: argparse.Namespace) -> int:
         "model": str(model),
         "broker": f"apache-kafka {kafka_version()} (KRaft, one node, heap {KAFKA_HEAP})",
         "producer_linger_ms": PRODUCER_LINGER_MS,
-        "fetch_max_wait_ms": Settings.model_fields["fetch_max_wait_ms"].default,
     }
     r: dict = {}
     try:
@@ -1171,15 +1162,6 @@ def run(args: argparse.Namespace) -> int:
         r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
-        # the worker's fetch-wait cap against aiokafka's own 500 ms wait (a fetch returns as soon as data is there)
-        r["latency_wait500"] = bench.latency(
-            ds,
-            r["p1"]["eps"] / 2,
-            plan.latency_seconds,
-            plan.latency_warmup,
-            "lat500",
-            INTEREST_FETCH_MAX_WAIT_MS="500",
-        )
         r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["faust_latency"] = bench.latency_faust(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
 
@@ -1233,11 +1215,9 @@ def noop_worker(argv: list[str]) -> int:
 
     import faust
 
-    from streams.kafka import cap_fetch_wait
     from streams.settings import Settings
 
     defaults = Settings()
-    cap_fetch_wait(defaults.fetch_max_wait_ms)  # as the worker's app
     sys.setswitchinterval(defaults.gil_switch_ms / 1000)  # as the worker
     app = faust.App(
         a.group,
@@ -1313,15 +1293,13 @@ def floor_consumer(argv: list[str]) -> int:
 
     from aiokafka import AIOKafkaConsumer
 
-    from streams.settings import Settings
-
     async def go() -> dict:
         c = AIOKafkaConsumer(
             a.topic,
             bootstrap_servers=a.bootstrap,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
-            fetch_max_wait_ms=Settings().fetch_max_wait_ms,  # as the worker's consumer
+            fetch_max_wait_ms=1500,  # as the worker's consumer (Faust's)
             max_poll_records=MAX_BATCH,
         )
         await c.start()

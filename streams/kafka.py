@@ -1,6 +1,5 @@
-"""Kafka plumbing: kafka-python clients from the settings (SASL/SSL, topic creation), the fetch-wait cap for Faust's
-consumer, the guard that skips record batches no codec can decode, and :class:`RecordBatches`, the worker's batched
-producer path."""
+"""Kafka plumbing: kafka-python clients from the settings (SASL/SSL, topic creation), the guard that skips record
+batches no codec can decode, and :class:`RecordBatches`, the worker's batched producer path."""
 
 from __future__ import annotations
 
@@ -18,26 +17,6 @@ from models.errors import ServiceError
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def cap_fetch_wait(max_wait_ms: int) -> None:
-    """Cap the fetch wait of every AIOKafkaConsumer created from now on (Faust's included) at ``max_wait_ms``.
-
-    Faust builds its consumer with ``fetch_max_wait_ms=1500`` and offers no setting; a broker that holds a fetch that
-    long (Tansu holds it ~500 ms even with data waiting) adds it to every event's latency.
-    """
-    import aiokafka
-
-    original = getattr(aiokafka.AIOKafkaConsumer, "_interest_original", aiokafka.AIOKafkaConsumer)
-
-    class ConsumerWithFetchWait(original):  # type: ignore[misc, valid-type]
-        _interest_original = original
-
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), max_wait_ms)  # type: ignore[call-overload]
-            super().__init__(*args, **kwargs)
-
-    aiokafka.AIOKafkaConsumer = ConsumerWithFetchWait  # the name Faust's driver looks up at consumer creation
 
 
 OnSkip = Callable[[str, int, int, int, Exception], None]  # (topic, partition, first offset, last offset, error)

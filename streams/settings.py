@@ -60,8 +60,6 @@ class Settings(BaseSettings):
     """Consumer group session timeout; a dead worker's partitions move after about this long."""
     commit_interval_s: float = Field(1.0, gt=0)
     """How often processed offsets are committed."""
-    fetch_max_wait_ms: int = Field(5, ge=1, le=10_000)
-    """Longest a fetch waits at the broker for data (Faust hard-codes 1500 ms; this caps it for latency)."""
 
     # --- Redis -------------------------------------------------------------------------------------------------
     redis_url: str = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"

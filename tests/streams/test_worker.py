@@ -42,6 +42,10 @@ def test_many_users_match_offline_replay(
         batches = worker.metric("interest_batch_size_count")
         wait_for(lambda: stage("write") == batches, 30, "every batch's write timed")
         assert stage("step") == batches and 1 <= stage("collect") <= batches and stage("consume") == stage("collect")
+        # consumer lag, per owned input partition: zero once everything is applied
+        lag = lambda: {k: v for k, v in worker.samples().items() if k.startswith("interest_consumer_lag{")}  # noqa: E731
+        wait_for(lambda: sum(names.input_topic in k for k in lag()) == 4, 30, "the lag of the 4 input partitions")
+        wait_for(lambda: not any(lag().values()), 30, "no lag left")
     finally:
         assert worker.stop() == 0, worker.output()[-3000:]
     # structured logs: one JSON object per line (Faust's own lines included)
