@@ -8,7 +8,7 @@ The graph is stateless: inputs features (B, F), h (B, H), c (B, H) -> outputs pr
 with a dynamic batch axis, exported with the TorchScript exporter (dynamo=False); the LSTM cell math is
 written out in models/model.py, so it exports as plain ops, and models.model.StepModel rearranges one step
 for the graph (the ensemble members side by side, everything that depends only on the event in one matmul).
-The metadata_props carry ModelMeta (export/features.py): model version, vocabularies, initial state, prior and
+The metadata_props carry ModelMeta (models/features.py): model version, vocabularies, initial state, prior and
 the sha256 of catalog.csv. Beside it go catalog.csv and model.seq.onnx, the same model over a (B, T) block of events
 in one call (export/sequence.py; the stream worker's batch step), with the same metadata.
 
@@ -33,10 +33,10 @@ import numpy as np
 import onnx
 import torch
 
-from export.features import FeatureEncoder, ModelMeta
 from export.sequence import SequenceSession, join_sequence, sequence_path
 from models.checkpoint import load_checkpoint
 from models.errors import ModelError
+from models.features import FeatureEncoder, ModelMeta
 from models.model import SEQ_LOOP_INPUTS, InterestModel, SeqHead, SeqPrepare, SeqStep, StepModel
 
 PARITY_TOL = 1e-5

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.features import FeatureEncoder, ModelMeta
 from models.errors import ModelError
+from models.features import FeatureEncoder, ModelMeta
 
 INPUTS = ("features", "h", "c")
 OUTPUTS = ("probs", "h_next", "c_next")

@@ -35,8 +35,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, compose, helper
 
-from export.features import ModelMeta
 from export.runtime import CUDA, INPUTS, OUTPUTS, StepSession, _session_options, max_abs_diff, worst
+from models.features import ModelMeta
 
 log = logging.getLogger("export.sequence")
 

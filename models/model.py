@@ -11,7 +11,7 @@ each followed by half of the n category memories m_i (K each), exponentially dec
 category vectors with decays from fast (half-life ~1 event) to slow (~64 events) at initialisation.
 The stream worker treats h and c as opaque vectors; only this module knows the split.
 
-One step (event features x, see export/features.py for the layout):
+One step (event features x, see models/features.py for the layout):
     drift:   the LSTM state is pulled toward the learned initial state by a gate on the time gap
     LSTM:    input = [category vector, action embedding, time features]; the cell math is written out so that
              training, the whole-sequence forward and the exported single step are the same code
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.features import N_TIME_FEATURES
+from models.features import N_TIME_FEATURES
 
 PROB_EPS = 1e-9  # the metrics' clip; also keeps log(p) finite in the loss
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.features import encode_events
 from models.data import Dataset, add_dataset_arguments, load_dataset
+from models.features import encode_events
 from models.vocab import Vocabulary, build_vocabulary
 
 SPLITS = ("train", "val", "test")

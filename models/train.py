@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.features import N_TIME_FEATURES
 from models.baselines import run_baselines
 from models.checkpoint import save_checkpoint
 from models.data import add_dataset_arguments, load_dataset
 from models.errors import ConfigError
+from models.features import N_TIME_FEATURES
 from models.metrics import METRICS, evaluate
 from models.model import PROB_EPS, InterestModel, ModelConfig
 from models.sequences import SPLITS, UserSequences, build_sequences, split_bounds

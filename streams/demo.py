@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from export.onnx_export import build_default_model
     from models.data import load_dataset
-    from streams.lookup import bar_chart, get_interests, sync_client
+    from streams.lookup import bar_chart, get_interests
     from streams.replay import produce, wire_events
-    from streams.worker import load_settings
+    from streams.settings import load_settings
+    from streams.state import sync_client
 
     if not args.data.exists():
         raise ServiceError(f"MovieLens 100K not found at {args.data} (expected ../shared/data/ml-100k)")

@@ -21,6 +21,7 @@ import redis
 
 from streams.events import USER_ID_RE
 from streams.settings import Settings, get_settings
+from streams.state import sync_client
 
 LOOKUP_FIELDS = ("probs", "top", "event_ts", "updated_at", "model_version", "events")
 
@@ -36,13 +37,6 @@ class Interests:
     updated_at: float  # when the worker wrote it, epoch seconds
     model_version: str
     events: int  # events applied to this user
-
-
-def sync_client(settings: Settings) -> redis.Redis:
-    """A blocking Redis client from the settings (same options as the worker's)."""
-    from streams.state import redis_options
-
-    return redis.Redis.from_url(settings.redis_url, **redis_options(settings))
 
 
 def get_interests(
@@ -89,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.worker import load_settings
+    from streams.settings import load_settings
 
     settings = load_settings()
     try:

@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.worker import load_settings
+    from streams.settings import load_settings
 
     settings = load_settings()
     ds = load_dataset(args.dataset, args.data, args.items)

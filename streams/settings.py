@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.errors import ConfigError
 
 LOCAL_KAFKA_PORT = 19092
 LOCAL_REDIS_PORT = 16379
@@ -169,6 +171,18 @@ def redact_url(url: str) -> str:
         ]
         parts = parts._replace(query="&".join(query))
     return urlunsplit(parts)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """The settings from the environment (keyword overrides win), or one ConfigError naming every bad variable."""
+    try:
+        return get_settings(**overrides)
+    except ValidationError as exc:
+        errs = "; ".join(
+            f"INTEREST_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
+        raise ConfigError(errs) from None
 
 
 def get_settings(**overrides: object) -> Settings:

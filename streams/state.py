@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import hiredis
 import numpy as np
 import orjson
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -374,3 +375,8 @@ class StateStore:
                 self.metrics.stale_writes.inc(stale)
         log.debug("redis wrote %d users in %.1f ms (%d stale)", len(writes), elapsed * 1e3, stale)
         return stale
+
+
+def sync_client(settings: Settings) -> redis.Redis:
+    """A blocking Redis client from the settings (same options as the worker's)."""
+    return redis.Redis.from_url(settings.redis_url, **redis_options(settings))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import logging.config
 import os
@@ -43,14 +44,26 @@ from typing import Any
 
 from models import errors
 from models.errors import InterestStreamError, ServiceError
+from streams.logs import logging_config
 from streams.metrics import Metrics
 from streams.processor import BatchPlan, Message, RawMessage
 from streams.settings import Settings
-from streams.worker import logging_config, quiet_gc
 
 log = logging.getLogger("streams.stepper")
 
 _LEN = struct.Struct(">I")
+
+
+def quiet_gc() -> None:
+    """Keep what start-up built (modules, the model, Faust's app) out of the cyclic GC's full collections (both
+    worker processes call it once started).
+
+    A full collection walks every tracked object; with start-up's hundreds of thousands of them it paused the worker
+    for 60-80 ms a few times a minute, the largest part of its p99 latency. Frozen objects are still freed by
+    reference counting; only start-up's cyclic garbage, collected first, would escape the GC.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _frame(obj: tuple) -> bytes:

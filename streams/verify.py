@@ -121,10 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
     from models.data import load_dataset
     from models.errors import ServiceError
-    from streams.lookup import sync_client
     from streams.replay import wire_events
-    from streams.settings import redact_url
-    from streams.worker import load_settings
+    from streams.settings import load_settings, redact_url
+    from streams.state import sync_client
 
     settings = load_settings(**({"model_path": args.model} if args.model else {}))
     session = StepSession(settings.model_path, device="cpu")

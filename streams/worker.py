@@ -10,7 +10,6 @@ match its vocabulary, stops it here with a one-line message), reaches Redis and 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import logging.config
 import signal
@@ -18,93 +17,19 @@ import sys
 import time
 
 import orjson
-from pydantic import ValidationError
 
-from models.errors import ConfigError, ModelError, ServiceError
-from streams.settings import Settings, get_settings
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message (and exc when there is one)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out).decode()
-
-
-class RepeatFilter(logging.Filter):
-    """Lets one record of each (logger, message template) through per ``interval`` seconds, and says how many it
-    held back: while a broker is down, aiokafka logs every failed connect, fetch and metadata request, some ten lines
-    a second."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        super().__init__()
-        self.interval = interval
-        self.last: dict[tuple[str, object], tuple[float, int]] = {}  # -> (when let through, held back since)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.msg)
-        seen = self.last.get(key)
-        if seen is not None and record.created - seen[0] < self.interval:
-            self.last[key] = (seen[0], seen[1] + 1)
-            return False
-        if seen is not None and seen[1]:
-            record.msg = f"{record.msg} ({seen[1]} more like it in the last {record.created - seen[0]:.0f}s)"
-        self.last[key] = (record.created, 0)
-        return True
-
-
-def logging_config(settings: Settings) -> dict:
-    formatter = (
-        {"()": JsonFormatter}
-        if settings.log_format == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    )
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"main": formatter},
-        "filters": {"repeats": {"()": RepeatFilter}},
-        "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"},
-            "clients": {
-                "class": "logging.StreamHandler",
-                "formatter": "main",
-                "stream": "ext://sys.stderr",
-                "filters": ["repeats"],
-            },
-        },
-        "root": {"level": settings.log_level, "handlers": ["stderr"]},
-        "loggers": {
-            name: {"level": "WARNING", "handlers": ["clients"], "propagate": False} for name in ("aiokafka", "kafka")
-        },
-    }
-
-
-def load_settings(**overrides: object) -> Settings:
-    try:
-        return get_settings(**overrides)
-    except ValidationError as exc:
-        errs = "; ".join(
-            f"INTEREST_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
-            for e in exc.errors()
-        )
-        raise ConfigError(errs) from None
+from models.errors import ModelError, ServiceError
+from streams.logs import logging_config
+from streams.settings import Settings, load_settings
+from streams.stepper import quiet_gc
 
 
 def check_redis(settings: Settings, timeout: float = 30.0) -> None:
     """Fail with a clear message (password masked) if Redis does not answer within ``timeout``."""
     import redis
 
-    from streams.lookup import sync_client
     from streams.settings import redact_url
+    from streams.state import sync_client
 
     client = sync_client(settings)
     deadline = time.monotonic() + timeout
@@ -226,17 +151,6 @@ def run(args: argparse.Namespace) -> int:
         if settings.step_process:
             processor.stop()
     return 0
-
-
-def quiet_gc() -> None:
-    """Keep what start-up built (modules, the model, Faust's app) out of the cyclic GC's full collections.
-
-    A full collection walks every tracked object; with start-up's hundreds of thousands of them it paused the worker
-    for 60-80 ms a few times a minute, the largest part of its p99 latency. Frozen objects are still freed by
-    reference counting; only start-up's cyclic garbage, collected first, would escape the GC.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 if __name__ == "__main__":  # pragma: no cover

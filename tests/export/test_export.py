@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from export.features import META_PREFIX, ModelMeta
 from export.onnx_export import add_arguments, check_parity, export_checkpoint, run
 from export.runtime import StepSession
 from models.checkpoint import load_checkpoint
 from models.errors import ModelError
+from models.features import META_PREFIX, ModelMeta
 
 
 @pytest.fixture(scope="module")

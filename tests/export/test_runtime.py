@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from export import gpu_check
-from export.features import FeatureEncoder
 from export.runtime import CPU, CUDA, StepSession, gpu_device_present, max_abs_diff, replay_log, worst
 from models.checkpoint import load_checkpoint
 from models.data import load_dataset
 from models.errors import ModelError
+from models.features import FeatureEncoder
 from models.metrics import evaluate
 from tests.model_fixtures import ML100K
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from streams.worker import RepeatFilter
+from streams.logs import RepeatFilter
 
 
 def _record(msg: str, created: float, name: str = "aiokafka") -> logging.LogRecord:

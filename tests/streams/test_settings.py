@@ -8,8 +8,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from models.errors import ConfigError
-from streams.settings import Settings, redact_url
-from streams.worker import load_settings
+from streams.settings import Settings, load_settings, redact_url
 from tests.conftest import REPO
 
 

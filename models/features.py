@@ -1,6 +1,6 @@
 """The step model's input layout: model metadata and the per-event feature encoder.
 
-    python -m export.features --model artifacts/models/movielens-100k/model.onnx   # prints the metadata
+    python -m models.features --model artifacts/models/movielens-100k/model.onnx   # prints the metadata
 
 One event becomes one float32 row of n_features = K + A + 2 values:
 
