@@ -1,12 +1,11 @@
-# The interest-stream worker image. Build: docker build -t interest-stream .
+# The interest-stream worker image: the worker's own install (`pip install .`: no torch, no matplotlib; training and
+# export need the `train` extra and happen outside the image). Build: docker build -t interest-stream .
 # GPU: docker build --build-arg ORT_EXTRAS='[cuda,cudnn]' (CUDA/cuDNN from NVIDIA's pip wheels; the host needs the
 # NVIDIA container runtime). The model is mounted at /models (see docker-compose.yml), not baked in.
 FROM python:3.11-slim
 ARG ORT_EXTRAS=""
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-# CPU torch from PyTorch's index: the worker itself never runs torch, the package depends on it for train/export.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY streams ./streams
 COPY models ./models

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KAFKA_LIBS := .deps/kafka/libs
 KAFKA_STAMP := .deps/kafka/.installed
 
-.PHONY: setup system-deps services-up services-down demo test test-fast lint format model bench clean
+.PHONY: setup system-deps services-up services-down demo test test-fast test-slim lint format model bench clean
 
 setup: $(STAMP) $(KAFKA_STAMP) test-clients
 
@@ -81,6 +81,19 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-slim
+
+# The worker's own install (`pip install .`, no torch, no matplotlib) in a venv of its own, running the worker's tests
+# against a model the full venv exports: proves the worker needs neither.
+SLIM := .venv-slim
+SLIM_MODEL := .run/slim-test-model
+test-slim: setup
+	@test -x $(SLIM)/bin/python || $(PY) -m venv $(SLIM)
+	$(SLIM)/bin/python -m pip install -q . pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17 "psutil>=5.9,<8"
+	@$(SLIM)/bin/python -c 'import importlib.util as u, sys; sys.exit("torch is installed in $(SLIM)" if u.find_spec("torch") or u.find_spec("matplotlib") else 0)'
+	$(BIN)/python -c "from export.onnx_export import build_default_model as b; b('$(SLIM_MODEL)', fast=True)" >/dev/null
+	INTEREST_TEST_MODEL=$(CURDIR)/$(SLIM_MODEL)/model.onnx $(SLIM)/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/streams/test_events.py tests/streams/test_processor.py tests/streams/test_stepper.py tests/streams/test_worker.py
 
 # everything but the fault suite (for a quick loop while developing)
 test-fast: setup
@@ -101,4 +114,4 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 clean: services-down
-	rm -rf .run artifacts .pytest_cache .ruff_cache .deps
+	rm -rf .run artifacts .pytest_cache .ruff_cache .deps $(SLIM)

@@ -3,7 +3,8 @@
     interest-stream --help
 
 Each subcommand lives in the module that owns the concept and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported only when their subcommand runs, so ``lookup`` does not load torch.
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``lookup`` does not load torch, and
+a subcommand that needs an extra the install lacks (``train`` needs torch) says which one in one line.
 Errors meant for a user (``InterestStreamError``) print as one line and exit 2, never as a traceback.
 """
 
@@ -14,6 +15,9 @@ import importlib
 import sys
 
 from models.errors import InterestStreamError
+
+# a module a subcommand may miss in a slim install -> the extra that brings it
+EXTRAS = {"torch": "train", "matplotlib": "train", "psutil": "bench"}
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,13 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"interest-stream {name}", description=help_text)
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        print(f"interest-stream {name}: not available ({exc.name} is missing)", file=sys.stderr)
-        return 2
-    module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
-    try:
+        module.add_arguments(sub)
+        args = sub.parse_args(argv[1:])
         return int(module.run(args) or 0)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in EXTRAS:
+            raise
+        hint = f"pip install 'interest-stream[{EXTRAS[missing]}]'"
+        print(f"interest-stream {name}: needs {missing}, which this install lacks: {hint}", file=sys.stderr)
+        return 2
     except InterestStreamError as exc:
         print(f"interest-stream {name}: error: {exc}", file=sys.stderr)
         return 2

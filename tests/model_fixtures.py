@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,13 @@ def write_csv_dataset(folder: Path, users: int = 24, events: int = 40, seed: int
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """model.onnx of a small model trained on ML-100K and exported (model.pt, report.json beside it)."""
+    """model.onnx of a small model trained on ML-100K and exported (model.pt, report.json beside it); or, where
+    ``INTEREST_TEST_MODEL`` names one, that exported model (the slim worker install has no torch to train with)."""
+    given = os.environ.get("INTEREST_TEST_MODEL")
+    if given:
+        if not Path(given).is_file():
+            pytest.fail(f"INTEREST_TEST_MODEL={given} is not a file")
+        return Path(given)
     if not ML100K.is_dir():
         pytest.skip(f"real data not found at {ML100K}")
     from export.onnx_export import build_default_model
