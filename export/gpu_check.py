@@ -23,6 +23,7 @@ import platform
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -70,7 +71,7 @@ def gpu_session(model: Path) -> tuple[StepSession | None, str]:
 
 def parity(cpu: StepSession, gpu: StepSession, batches=(1, 7, 512), length: int = 64) -> dict:
     rng = np.random.default_rng(0)
-    out = {}
+    out: dict[str, Any] = {}
     enc, k, a = cpu.encoder, cpu.encoder.k, cpu.encoder.a
     for b in batches:
         hc, cc = cpu.initial_state(b)
@@ -200,7 +201,7 @@ def fp16_model(model: Path, out_dir: Path) -> Path | None:
         from onnx import numpy_helper  # noqa: F401
 
         try:
-            from onnxconverter_common import float16  # type: ignore[import-not-found]
+            from onnxconverter_common import float16
         except ImportError:
             return None
         m = float16.convert_float_to_float16(onnx.load(str(model)), keep_io_types=False)
@@ -265,13 +266,14 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = [int(b) for b in a.batches.split(",")]
     f, hsz = cpu.n_features, cpu.hidden_size
-    variants = [("fp32", Path(a.model), np.float32)]
+    variants: list[tuple[str, Path, Any]] = [("fp32", Path(a.model), np.float32)]
     p16 = fp16_model(Path(a.model), Path(a.out).resolve().parent)
     if p16 is not None:
         variants.append(("fp16", p16, np.float16))
     else:
         rep.data["fp16"] = "skipped (onnxconverter_common not installed)"
-    rep.data["throughput_events_per_s"] = tp = {}
+    tp: dict[str, Any] = {}
+    rep.data["throughput_events_per_s"] = tp
     for name, path, dtype in variants:
         try:
             so = ort.SessionOptions()

@@ -95,7 +95,7 @@ def _to_onnx(module: torch.nn.Module, args: tuple, names_in: list[str], names_ou
         torch.onnx.export(
             module,
             args,
-            buf,
+            buf,  # type: ignore[arg-type]  # torch's hint says a path; the TorchScript exporter writes to any file
             dynamo=False,
             input_names=names_in,
             output_names=names_out,

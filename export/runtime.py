@@ -252,15 +252,15 @@ def replay_log(
     for r in range(int(counts[0])):
         n = int(np.count_nonzero(counts > r))  # users with more than r events: a prefix
         evs = [per_user[users[i]][r] for i in range(n)]
-        ts = np.array([e[2] for e in evs])
-        x = session.encoder.encode([e[0] for e in evs], [e[1] for e in evs], ts - last[:n])
+        times = np.array([e[2] for e in evs])
+        x = session.encoder.encode([e[0] for e in evs], [e[1] for e in evs], times - last[:n])
         for s in range(0, n, max_batch):
             e = min(n, s + max_batch)
             if on_device is not None:
                 on_device.step(r, x[s:e], s, e)
             else:
                 probs[s:e], h[s:e], c[s:e] = session.step(x[s:e], h[s:e], c[s:e])
-        last[:n] = ts
+        last[:n] = times
     if on_device is not None:
         probs, h, c = on_device.read(counts)
     return {

@@ -19,13 +19,13 @@ import contextlib
 import logging
 import os
 import time
+from typing import Any
 
 import faust
 
 from streams.metrics import BATCH_STAGES, Metrics
-from streams.processor import BatchPlan, InterestProcessor
+from streams.processor import BatchPlan, BatchStep
 from streams.settings import Settings, get_settings
-from streams.stepper import StepperProcess
 
 log = logging.getLogger("streams.app")
 
@@ -88,15 +88,20 @@ app = faust.App(
 # Input: the clicks topic and the re-key topic, consumed by the same agent, hence co-partitioned by Faust's assignor.
 clicks_topic = app.topic(settings.input_topic, settings.rekey_topic, key_serializer="raw", value_serializer="raw")
 
-processor: StepperProcess | InterestProcessor | None = None
+processor: BatchStep | None = None
 metrics: Metrics = Metrics()
 applied_to: dict = {}  # TP -> offset after the last event applied (acked) in this worker, for the lag gauge
 
 
-def bind(ready: StepperProcess | InterestProcessor, worker_metrics: Metrics) -> None:
+def bind(ready: BatchStep, worker_metrics: Metrics) -> None:
     """Hand the app its batch step (model session + state store, here or in the step process) before it starts."""
     global processor, metrics
     processor, metrics = ready, worker_metrics
+
+
+def kafka_producer() -> Any:
+    """The aiokafka producer under Faust's: a batch's records are appended straight into its record batches."""
+    return app.producer._ensure_producer()  # type: ignore[attr-defined]  # Faust's aiokafka driver (pinned)
 
 
 def abandon(reason: str) -> None:
@@ -193,7 +198,7 @@ class BatchPipeline:
                 metrics.batch_size.observe(len(messages))
                 taken = time.perf_counter()
                 # the batch's records go to the producer at once: delivery overlaps the previous batch's Redis write
-                plan = await processor.prepare(messages, app.producer._ensure_producer())
+                plan = await processor.prepare(messages, kafka_producer())
                 stepped = time.perf_counter()
                 self.stage["step"].observe(stepped - taken)
             except Exception as exc:  # a bug: never ack what was not applied
@@ -202,11 +207,12 @@ class BatchPipeline:
             await self.to_write.put((events, plan, stepped))
 
     async def _write(self) -> None:
+        assert processor is not None, "streams.app.bind() was not called"
         ack = self.stream.ack
         while True:
             events, plan, stepped = await self.to_write.get()
             try:
-                await processor.finish(plan, app.producer._ensure_producer())
+                await processor.finish(plan, kafka_producer())
                 self.stage["write"].observe(time.perf_counter() - stepped)
                 for event in events:
                     await ack(event)
@@ -244,14 +250,14 @@ async def update_interests(stream: faust.StreamT) -> None:
         raise
 
 
-@app.on_partitions_assigned.connect
+@app.on_partitions_assigned.connect  # type: ignore[arg-type]  # Faust passes ``signal`` in **kwargs
 async def count_assigned(sender: faust.App, assigned: set, **kwargs: object) -> None:
     """The gauge of owned partitions (a rebalance assigns the whole new set)."""
     topics = {settings.input_topic, settings.rekey_topic}
     metrics.partitions_assigned.set(sum(1 for tp in assigned if tp.topic in topics))
 
 
-@app.on_partitions_revoked.connect
+@app.on_partitions_revoked.connect  # type: ignore[arg-type]  # Faust passes ``signal`` in **kwargs
 async def drop_cached_states(sender: faust.App, revoked: set, **kwargs: object) -> None:
     """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""
     for tp in revoked:
@@ -272,5 +278,6 @@ async def report_lag() -> None:
         highwater = consumer.highwater(tp)
         if highwater is None or highwater < 0:
             continue
-        next_offset = applied_to.get(tp) or consumer._committed_offset.get(tp) or 0
+        committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]  # Faust has no public getter
+        next_offset = applied_to.get(tp) or committed or 0
         metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))

@@ -71,6 +71,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from models.errors import ServiceError
 from streams.services import WorkerProcess, metric_total, spawn_worker, wait_until
@@ -468,7 +469,9 @@ class Bench:
                 spy = start_py_spy(procs[0].pid, profile, self.logs / f"{name}-py-spy.log")
             ps = [psutil.Process(w.pid) for w in procs]
             rss = [0] * workers
-            t_first = a_first = t_last = None
+            t_first: float | None = None
+            a_first = 0.0
+            t_last: float | None = None
             deadline = time.monotonic() + 120 + n / 500
             with CpuUse([w.pid for w in procs], self.service_pids) as cpu:
                 while True:
@@ -501,6 +504,7 @@ class Bench:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     spy.wait(timeout=30)
             stop_all([w.proc for w in procs])
+        assert t_first is not None and t_last is not None  # the loop ends only once both are set
         seconds = max(t_last - t_first, 1e-9)
         eps = (n - a_first) / seconds
         batches = sum(metric_total(s, "interest_batch_size_count") for s in final)
@@ -554,10 +558,10 @@ class Bench:
             producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks=1)
             await consumer.start()
             await producer.start()
-            done, t0 = 0, None
+            done, t0 = 0, 0.0
             try:
                 async for rec in consumer:  # one event at a time, end to end
-                    if t0 is None:
+                    if not done:  # timed from the first event
                         t0 = time.perf_counter()
                     msg = RawMessage(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp / 1e3)
                     plan = await processor.prepare([msg])  # one ORT call
@@ -1132,7 +1136,7 @@ def run(args: argparse.Namespace) -> int:
     rsvc = start_redis(port=free_port(), run_dir=run_dir)
     bench.bootstrap, bench.redis_base = broker.address, f"redis://{rsvc.address}"
     bench.service_pids = {"broker": broker.pid, "redis": rsvc.pid}
-    meta = {
+    meta: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cpus": os.cpu_count(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],

@@ -107,8 +107,8 @@ def skip_undecodable_batches(on_skip: OnSkip) -> None:
         original_init(self, tp, records, *args, **kwargs)
         self._records = _CheckedRecords(records, self, on_skip, failures)
 
-    cls._interest_original_init = original_init  # type: ignore[attr-defined]
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls._interest_original_init = original_init
+    cls.__init__ = __init__
 
 
 def client_config(settings: Settings) -> dict[str, object]:

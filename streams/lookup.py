@@ -62,7 +62,7 @@ def get_interests(
         top=[(t["category"], t["p"]) for t in orjson.loads(top or b"[]")],
         event_ts=float(event_ts or "nan"),
         updated_at=float(updated_at or "nan"),
-        model_version=(version or b"").decode(),
+        model_version=version.decode() if isinstance(version, bytes) else (version or ""),
         events=int(events or 0),
     )
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -204,6 +204,21 @@ class BatchStepper:
         return len(groups)
 
 
+class BatchStep(Protocol):
+    """What the Faust app needs of the batch step: :class:`InterestProcessor` in the worker's process, or
+    :class:`streams.stepper.StepperProcess`, its proxy to the step process."""
+
+    info: dict
+
+    async def start(self) -> None: ...
+
+    async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan: ...
+
+    async def finish(self, plan: BatchPlan, producer: Any) -> None: ...
+
+    def drop_cache(self) -> None: ...
+
+
 class InterestProcessor:
     """Validates, de-duplicates and steps one batch of click messages (see the module docstring)."""
 
@@ -304,7 +319,10 @@ class InterestProcessor:
         in flight at once, without waiting for delivery (``plan.delivery``; :meth:`finish` waits for it)."""
         # straight into aiokafka's record batches: send() would cost ~25 us a record
         batches = RecordBatches(producer)
-        add, partition_for = batches.add, self.partition_for  # the default partitioner's choice, memoised
+        add = batches.add
+        # the default partitioner's choice, memoised; never None here (the worker created these topics, so their
+        # partition counts are known): the ignore says so without a check per record
+        partition_for: Callable[[str, bytes], int] = self.partition_for  # type: ignore[assignment]
         s = self.settings
         out_topic, dlq_topic, rekey_topic = s.output_topic, s.dlq_topic, s.rekey_topic
         for key, value in plan.outputs:
@@ -324,7 +342,7 @@ class InterestProcessor:
             dlq_key = msg.key or b"%d" % msg.offset
             add(dlq_topic, partition_for(dlq_topic, dlq_key), msg.key, value, headers)
         for key, msg in plan.rekey:
-            add(rekey_topic, partition_for(rekey_topic, key), key, msg.value, original_headers(msg))
+            add(rekey_topic, partition_for(rekey_topic, key), key, msg.value or b"", original_headers(msg))
         plan.delivery = await batches.send()
 
     async def publish(self, plan: BatchPlan, producer: Any) -> None:

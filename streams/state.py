@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import hiredis
 import numpy as np
@@ -171,9 +172,9 @@ def decode_state(values: Sequence[bytes | None], version: str, hidden: int) -> t
     return st, f"unreadable {', '.join(problems)} (dropped)" if problems else ""
 
 
-def redis_options(settings: Settings) -> dict[str, object]:
+def redis_options(settings: Settings) -> dict[str, Any]:
     """Client options from the settings: timeouts, optional ACL user/password override, TLS CA."""
-    opts: dict[str, object] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    opts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
     if settings.redis_username:
         opts["username"] = settings.redis_username
     if settings.redis_password is not None:
@@ -209,7 +210,10 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     the StateStore retries itself, counted in ``interest_redis_retries_total`` and logged. Replies are parsed and
     commands packed by hiredis."""
     scheme = settings.redis_url.split("://", 1)[0]
-    packing = {"redis": {"connection_class": _Connection}, "rediss": {"connection_class": _SSLConnection}}
+    packing: dict[str, dict[str, Any]] = {
+        "redis": {"connection_class": _Connection},
+        "rediss": {"connection_class": _SSLConnection},
+    }
     return aioredis.Redis.from_url(
         settings.redis_url,
         health_check_interval=10,
@@ -266,7 +270,7 @@ class StateStore:
         await self.client.script_load(CAS_WRITE)
         await self.client.script_load(READ_STATES)
 
-    async def _scripts(self, what: str, calls: list[tuple[str, list[str], list]]) -> list:
+    async def _scripts(self, what: str, calls: Sequence[tuple[str, list[str], Sequence[Any]]]) -> list:
         """Run script calls ``(sha, keys, args)`` in one pipeline, retrying while Redis is unreachable and loading
         the scripts once if Redis lost them; returns the replies, in order."""
 

@@ -242,7 +242,7 @@ class MetricsRelay:
 def apply_metrics(metrics: Metrics, ops: list[tuple[str, tuple, str, tuple]]) -> None:
     """Make the calls a :class:`MetricsRelay` recorded on ``metrics``."""
     for name, labels, method, args in ops:
-        target = getattr(metrics, name) if name else metrics
+        target: Any = getattr(metrics, name) if name else metrics
         if labels:
             target = target.labels(*labels)
         getattr(target, method)(*args)
@@ -297,6 +297,7 @@ async def serve(sock: socket.socket) -> int:
 
     relay = MetricsRelay(send)
     try:
+        # the relay stands in for Metrics: the same attributes, recorded and sent to the worker's process
         processor = InterestProcessor.from_settings(settings, partitions, relay)  # type: ignore[arg-type]
         await processor.start()
         producer = output_producer(settings)

@@ -20,8 +20,9 @@ import orjson
 
 from models.errors import ModelError, ServiceError
 from streams.logs import logging_config
+from streams.processor import BatchStep, InterestProcessor
 from streams.settings import Settings, load_settings
-from streams.stepper import quiet_gc
+from streams.stepper import StepperProcess, quiet_gc
 
 
 def check_redis(settings: Settings, timeout: float = 30.0) -> None:
@@ -103,13 +104,11 @@ def run(args: argparse.Namespace) -> int:
     # import the app only now: it reads the same settings at import time
     from streams import app as faust_app
 
+    processor: BatchStep
+    stepper: StepperProcess | None = None
     if settings.step_process:
-        from streams.stepper import StepperProcess
-
-        processor = StepperProcess(settings, partitions, metrics)  # the child loads the model and reaches Redis
+        processor = stepper = StepperProcess(settings, partitions, metrics)  # the child loads the model and Redis
     else:
-        from streams.processor import InterestProcessor
-
         processor = InterestProcessor.from_settings(settings, partitions, metrics)
     info = processor.info
     log.info(
@@ -119,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         info["items"],
         info["provider"],
         info["sequence"],
-        f"in process {processor.proc.pid}" if settings.step_process else "in the worker's process",
+        f"in process {stepper.proc.pid}" if stepper is not None else "in the worker's process",
     )
     faust_app.bind(processor, metrics)
     metrics.serve(settings.metrics_port)
@@ -148,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
-        if settings.step_process:
-            processor.stop()
+        if stepper is not None:
+            stepper.stop()
     return 0
 
 
