@@ -35,6 +35,7 @@ import torch
 
 from export.sequence import SequenceSession, join_sequence, sequence_path
 from models.checkpoint import load_checkpoint
+from models.data import ML100K
 from models.errors import ModelError
 from models.features import FeatureEncoder, ModelMeta
 from models.model import SEQ_LOOP_INPUTS, InterestModel, SeqHead, SeqPrepare, SeqStep, StepModel
@@ -265,7 +266,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, verbose: bool = T
 
 def build_default_model(
     out_dir: str | Path = "artifacts/models/movielens-100k",
-    data: str | Path = "../shared/data/ml-100k",
+    data: str | Path = ML100K,
     fast: bool = False,
     verbose: bool = False,
 ) -> Path:

@@ -29,6 +29,10 @@ from pathlib import Path
 from models.errors import DataError
 
 DATASETS = ("movielens-100k", "taobao", "csv")
+# The real data sets, read-only, beside the repository (``../shared/data`` from its root): the default of every command
+# and test that reads one, resolved from this file so the working directory does not matter.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ML100K = SHARED_DATA / "ml-100k"
 TAOBAO_BEHAVIORS = ("pv", "cart", "fav", "buy")
 # MovieLens 100K genre flags in u.item order (u.genre gives the same list; used when it is absent)
 ML_GENRES = (

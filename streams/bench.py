@@ -73,11 +73,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.data import ML100K
 from models.errors import ServiceError
 from streams.services import WorkerProcess, metric_total, spawn_worker, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 MAX_BATCH = 2000  # the worker's default take(max_batch)
 SESSION_TIMEOUT_S = "6"  # Kafka's lowest (group.min.session.timeout.ms)
 
@@ -445,7 +445,7 @@ class Bench:
             done, t0 = 0, time.perf_counter()
             while done < total:
                 users = [f"u{done + i}" for i in range(MAX_BATCH)]
-                writes = [UserWrite(store.prefix + u, fields, 1) for u in users]
+                writes = [UserWrite(store.key(u), fields, 1) for u in users]
                 await store.write(writes, dict.fromkeys(users, st))
                 done += len(users)
             elapsed = time.perf_counter() - t0
@@ -1107,7 +1107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md, bench.png, logs")
     parser.add_argument("--quick", action="store_true", help="small event counts: a smoke run in < 3 minutes")
     parser.add_argument("--model", type=Path, help="model.onnx (default: build_default_model(), trained if absent)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ML-100K folder (default ../shared/data)")
+    parser.add_argument("--data", type=Path, default=ML100K, help="ML-100K folder (default ../shared/data)")
     parser.add_argument("--profile", dest="profile", action="store_true", default=None, help="py-spy a 1-worker run")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled run")
 

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from models.data import ML100K
 from models.errors import ServiceError
 from streams.services import (
     RUN_DIR,
@@ -30,8 +31,6 @@ from streams.services import (
     spawn_worker,
 )
 
-DEFAULT_DATA = Path("../shared/data/ml-100k")
-
 
 def scrape(port: int, name: str) -> float | None:
     """One metric's total from the worker's Prometheus endpoint (None while it is not up)."""
@@ -42,7 +41,7 @@ def scrape(port: int, name: str) -> float | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MovieLens 100K folder")
+    parser.add_argument("--data", type=Path, default=ML100K, help="MovieLens 100K folder")
     parser.add_argument("--rate", type=float, help="replay rate in events/s (default: as fast as possible)")
     parser.add_argument("--limit", type=int, help="replay only the first N events")
     parser.add_argument("--model", type=Path, help="use this exported model instead of training/reusing the default")

@@ -21,7 +21,7 @@ import redis
 
 from streams.events import USER_ID_RE
 from streams.settings import Settings, get_settings
-from streams.state import sync_client
+from streams.state import sync_client, user_key
 
 LOOKUP_FIELDS = ("probs", "top", "event_ts", "updated_at", "model_version", "events")
 
@@ -49,7 +49,7 @@ def get_interests(
     own = client is None
     client = client or sync_client(settings)
     try:
-        values = client.hmget(settings.redis_prefix + user_id, LOOKUP_FIELDS)
+        values = client.hmget(user_key(settings.redis_prefix, user_id), LOOKUP_FIELDS)
     finally:
         if own:
             client.close()

@@ -497,7 +497,7 @@ class InterestProcessor:
             produce_ts.append(msg.timestamp)
             event_ts.append(click.ts)
 
-        prefix = self.store.prefix
+        user_key = self.store.key
         for u, i in last_row.items():
             st = work[u]
             st.h = H[slot[u]].copy()
@@ -507,7 +507,7 @@ class InterestProcessor:
             fields["top"] = dumps(tops[i])
             fields["model_version"] = self.version
             fields["updated_at"] = repr(now)
-            plan.writes.append(UserWrite(prefix + u, fields, st.events))
+            plan.writes.append(UserWrite(user_key(u), fields, st.events))
             plan.states[u] = st
         inflight.update(plan.states)  # the next batch starts from these, before they reach Redis
         return await self._sent(plan, producer)

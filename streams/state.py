@@ -172,6 +172,12 @@ def decode_state(values: Sequence[bytes | None], version: str, hidden: int) -> t
     return st, f"unreadable {', '.join(problems)} (dropped)" if problems else ""
 
 
+def user_key(prefix: str, user_id: str) -> str:
+    """The one place that builds a user's Redis key: ``<prefix><user_id>`` (the layout the README documents; user ids
+    are validated before they get here)."""
+    return prefix + user_id
+
+
 def redis_options(settings: Settings) -> dict[str, Any]:
     """Client options from the settings: timeouts, optional ACL user/password override, TLS CA."""
     opts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
@@ -247,7 +253,7 @@ class StateStore:
         self.corrupt_states = 0  # damaged states read (logged; see decode_state)
 
     def key(self, user_id: str) -> str:
-        return self.prefix + user_id
+        return user_key(self.prefix, user_id)
 
     async def start(self, timeout: float = 30.0) -> None:
         """Connect and PING, retrying until ``timeout``; raise ServiceError with the (redacted) URL after."""

@@ -23,7 +23,7 @@ from export.runtime import StepSession, max_abs_diff, replay_log, worst
 from streams.events import Rejected, encode_event
 from streams.processor import decoder_for
 from streams.settings import Settings
-from streams.state import fingerprint_in
+from streams.state import fingerprint_in, user_key
 
 TOLERANCE = 1e-5
 
@@ -91,7 +91,7 @@ def verify_events(
     users = list(expected)
     pipe = client.pipeline(transaction=False)
     for u in users:
-        pipe.hmget(settings.redis_prefix + u, ("probs", "events"))
+        pipe.hmget(user_key(settings.redis_prefix, u), ("probs", "events"))
     stored = pipe.execute()
     for u, (probs, events_stored) in zip(users, stored, strict=True):
         want = expected[u]

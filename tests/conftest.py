@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from models.data import SHARED_DATA
 from streams.services import free_port, start_broker, start_redis
 from tests.model_fixtures import trained_model  # noqa: F401  (session fixture: small ML-100K model, exported)
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO.parent / "shared" / "data").resolve()
+DATA = SHARED_DATA
 
 
 @pytest.fixture(scope="session")

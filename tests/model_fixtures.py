@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.data import ML100K, SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO.parent / "shared" / "data").resolve()
-ML100K = DATA / "ml-100k"
-TAOBAO = DATA / "taobao-userbehavior-sample"
+TAOBAO = SHARED_DATA / "taobao-userbehavior-sample"
 
 
 def write_csv_dataset(folder: Path, users: int = 24, events: int = 40, seed: int = 0) -> tuple[Path, Path]:
