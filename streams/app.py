@@ -23,6 +23,7 @@ from typing import Any
 
 import faust
 
+from streams.kafka import KafkaConnection
 from streams.metrics import BATCH_STAGES, Metrics
 from streams.processor import BatchPlan, BatchStep
 from streams.settings import Settings, get_settings
@@ -32,36 +33,12 @@ log = logging.getLogger("streams.app")
 settings: Settings = get_settings()
 
 
-def broker_credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
-    """Faust credentials for SASL and/or SSL from the settings (None for PLAINTEXT)."""
-    import ssl
-
-    context = None
-    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=str(s.kafka_ssl_cafile) if s.kafka_ssl_cafile else None)
-        if s.kafka_ssl_certfile:
-            context.load_cert_chain(
-                str(s.kafka_ssl_certfile), str(s.kafka_ssl_keyfile) if s.kafka_ssl_keyfile else None
-            )
-    if s.kafka_security_protocol.startswith("SASL"):
-        password = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else ""
-        if s.kafka_sasl_mechanism == "PLAIN":
-            return faust.SASLCredentials(username=s.kafka_sasl_username, password=password, ssl_context=context)
-        return faust.SASLCredentials(
-            username=s.kafka_sasl_username,
-            password=password,
-            ssl_context=context,
-            mechanism=s.kafka_sasl_mechanism,
-        )
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
-
+connection = KafkaConnection.from_settings(settings)
 
 app = faust.App(
     settings.app_id,
-    broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
-    broker_credentials=broker_credentials(settings),
+    broker=connection.faust_broker(),
+    broker_credentials=connection.faust_credentials(),
     store="memory://",
     datadir=str(settings.data_dir / "{conf.id}-data"),
     topic_partitions=settings.partitions,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient
@@ -111,24 +113,110 @@ def skip_undecodable_batches(on_skip: OnSkip) -> None:
     cls.__init__ = __init__
 
 
-def client_config(settings: Settings) -> dict[str, object]:
-    """Connection options for any kafka-python client (producer, consumer, admin)."""
-    cfg: dict[str, object] = {
-        "bootstrap_servers": [b.strip() for b in settings.kafka_bootstrap.split(",")],
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_security_protocol.startswith("SASL"):
-        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        cfg["sasl_plain_username"] = settings.kafka_sasl_username
-        cfg["sasl_plain_password"] = (
-            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+@dataclass(frozen=True)
+class KafkaConnection:
+    """How to reach the brokers (addresses, SASL, TLS), read once from the settings and rendered for each client:
+    kafka-python, aiokafka, Faust and librdkafka (confluent-kafka, kcat) name the same options differently."""
+
+    bootstrap: tuple[str, ...]
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> KafkaConnection:
+        tls = s.kafka_security_protocol in ("SSL", "SASL_SSL")
+        path = lambda p: str(p) if tls and p else None  # noqa: E731  (TLS files only matter with TLS)
+        return cls(
+            bootstrap=tuple(b.strip() for b in s.kafka_bootstrap.split(",")),
+            security_protocol=s.kafka_security_protocol,
+            sasl_mechanism=s.kafka_sasl_mechanism,
+            sasl_username=s.kafka_sasl_username,
+            sasl_password=s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None,
+            ssl_cafile=path(s.kafka_ssl_cafile),
+            ssl_certfile=path(s.kafka_ssl_certfile),
+            ssl_keyfile=path(s.kafka_ssl_keyfile),
         )
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context (the CA bundle, and the client certificate for mutual TLS), or None without TLS."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.ssl_cafile)
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        return context
+
+    def kafka_python(self) -> dict[str, Any]:
+        """Options for any kafka-python client (producer, consumer, admin)."""
+        cfg: dict[str, Any] = {"bootstrap_servers": list(self.bootstrap), "security_protocol": self.security_protocol}
+        if self.sasl:
+            cfg |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password,
+            }
         for name in ("cafile", "certfile", "keyfile"):
-            value = getattr(settings, f"kafka_ssl_{name}")
+            value = getattr(self, f"ssl_{name}")
             if value:
-                cfg[f"ssl_{name}"] = str(value)
-    return cfg
+                cfg[f"ssl_{name}"] = value
+        return cfg
+
+    def aiokafka(self) -> dict[str, Any]:
+        """Options for an aiokafka client: as kafka-python's, with one ``ssl_context`` instead of the files."""
+        cfg = {k: v for k, v in self.kafka_python().items() if not k.startswith("ssl_")}
+        if self.tls:
+            cfg["ssl_context"] = self.ssl_context()
+        return cfg
+
+    def faust_broker(self) -> list[str]:
+        return [f"kafka://{b}" for b in self.bootstrap]
+
+    def faust_credentials(self) -> Any:
+        """Faust's ``broker_credentials``: SASL and/or SSL credentials, or None for PLAINTEXT."""
+        import faust
+
+        context = self.ssl_context()
+        if self.sasl:
+            return faust.SASLCredentials(
+                username=self.sasl_username,
+                password=self.sasl_password or "",
+                ssl_context=context,
+                mechanism=self.sasl_mechanism,
+            )
+        return faust.SSLCredentials(context) if context is not None else None
+
+    def librdkafka(self) -> dict[str, str]:
+        """Properties for a librdkafka client (confluent-kafka's config dict; ``kcat -X name=value``)."""
+        cfg = {"bootstrap.servers": ",".join(self.bootstrap), "security.protocol": self.security_protocol.lower()}
+        if self.sasl:
+            cfg |= {
+                "sasl.mechanism": self.sasl_mechanism,
+                "sasl.username": self.sasl_username or "",
+                "sasl.password": self.sasl_password or "",
+            }
+        for name, prop in (("cafile", "ca"), ("certfile", "certificate"), ("keyfile", "key")):
+            value = getattr(self, f"ssl_{name}")
+            if value:
+                cfg[f"ssl.{prop}.location"] = value
+        return cfg
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """Connection options for any kafka-python client (producer, consumer, admin)."""
+    return KafkaConnection.from_settings(settings).kafka_python()
 
 
 def output_producer(settings: Settings) -> Any:
@@ -137,14 +225,9 @@ def output_producer(settings: Settings) -> Any:
     duplicates no output record and no re-keyed event), a 1 ms linger (a batch waits for delivery of its records) and
     256 KiB record batches."""
     from aiokafka import AIOKafkaProducer
-    from aiokafka.helpers import create_ssl_context
 
-    cfg = client_config(settings)
-    ssl = {k: cfg.pop(f"ssl_{k}", None) for k in ("cafile", "certfile", "keyfile")}
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        cfg["ssl_context"] = create_ssl_context(**ssl)
     return AIOKafkaProducer(
-        **cfg,
+        **KafkaConnection.from_settings(settings).aiokafka(),
         acks="all",
         enable_idempotence=True,
         linger_ms=1,

@@ -26,6 +26,7 @@ import orjson
 import pytest
 
 from export.runtime import StepSession
+from streams.kafka import KafkaConnection
 from streams.processor import default_partition
 from streams.verify import verify_events
 from tests.conftest import REPO
@@ -153,7 +154,7 @@ def _confluent(partitioner: str | None, codec: str):
     def produce(bootstrap: str, topic: str, records: list[Record], tmp: Path, settings) -> list[Record]:
         from confluent_kafka import Producer
 
-        conf = {"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5, "compression.type": codec}
+        conf = {**KafkaConnection((bootstrap,)).librdkafka(), "acks": "all", "linger.ms": 5, "compression.type": codec}
         if partitioner:
             conf["partitioner"] = partitioner
         errors: list = []
@@ -225,7 +226,7 @@ def _stream(data_dir: Path) -> tuple[list[Record], dict[bytes, str]]:
 def _partition_counts(bootstrap: str, *topics: str) -> dict[str, int]:
     from confluent_kafka.admin import AdminClient
 
-    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+    meta = AdminClient(KafkaConnection((bootstrap,)).librdkafka()).list_topics(timeout=10)
     return {t: len(meta.topics[t].partitions) for t in topics if t in meta.topics and not meta.topics[t].error}
 
 
@@ -233,7 +234,13 @@ def _end_offsets(bootstrap: str, topic: str, partitions: int) -> int:
     """Records in ``topic``: the sum of its partitions' high watermarks (nothing is deleted or compacted here)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "conformance-watermarks", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            **KafkaConnection((bootstrap,)).librdkafka(),
+            "group.id": "conformance-watermarks",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions))
     finally:
@@ -381,7 +388,7 @@ def _consume_confluent(bootstrap: str, topic: str, expected: int, timeout: float
 
     c = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **KafkaConnection((bootstrap,)).librdkafka(),
             "group.id": f"conformance-read-{topic}",
             "enable.auto.commit": False,
             "enable.partition.eof": False,

@@ -5,7 +5,7 @@
   secret appears in the worker's log (at DEBUG), its /metrics page, or ``interest-stream lookup``/``verify`` output;
 * the README's least-privilege ACL line is enough for the worker, lookup and verify;
 * a wrong Redis password gives a clear one-line error that echoes neither password;
-* ``Settings.redacted()``/``redact_url`` mask every secret; ``client_config``/``broker_credentials`` map SASL/SSL.
+* ``Settings.redacted()``/``redact_url`` mask every secret; ``KafkaConnection`` renders SASL/SSL for every client.
 """
 
 from __future__ import annotations
@@ -157,7 +157,10 @@ def test_broker_credentials_map_sasl_and_ssl(tmp_path):
     import faust
     from faust.types.auth import AuthProtocol, SASLMechanism
 
-    from streams.app import broker_credentials
+    from streams.kafka import KafkaConnection
+
+    def broker_credentials(settings: Settings):
+        return KafkaConnection.from_settings(settings).faust_credentials()
 
     assert broker_credentials(Settings()) is None
 
@@ -362,3 +365,25 @@ def test_output_producer_maps_sasl_and_ssl(tmp_path):
     assert (client._sasl_plain_username, client._sasl_plain_password) == ("bob", "pw")
     assert isinstance(client._ssl_context, ssl.SSLContext) and client._ssl_context.cert_store_stats()["x509_ca"] > 0
     assert producer.client._client_id == "interest-stream"
+
+
+def test_one_connection_rendered_for_librdkafka_and_aiokafka(tmp_path):
+    """The same SASL-over-mutual-TLS settings, as confluent-kafka (librdkafka) and aiokafka take them."""
+    from confluent_kafka import Producer
+
+    from streams.kafka import KafkaConnection
+
+    s = sasl_ssl(tmp_path, "SCRAM-SHA-512")
+    conn = KafkaConnection.from_settings(s)
+    rd = conn.librdkafka()
+    assert rd["bootstrap.servers"] == s.kafka_bootstrap and rd["security.protocol"] == "sasl_ssl"
+    assert (rd["sasl.mechanism"], rd["sasl.username"], rd["sasl.password"]) == ("SCRAM-SHA-512", "bob", "pw")
+    assert rd["ssl.ca.location"] == str(s.kafka_ssl_cafile) and rd["ssl.key.location"] == str(s.kafka_ssl_keyfile)
+    Producer(rd).flush(0)  # librdkafka refuses unknown properties and unreadable files when it is built
+    assert KafkaConnection.from_settings(Settings()).librdkafka() == {
+        "bootstrap.servers": Settings().kafka_bootstrap,
+        "security.protocol": "plaintext",
+    }
+    aio = conn.aiokafka()
+    assert isinstance(aio["ssl_context"], ssl.SSLContext) and aio["sasl_plain_username"] == "bob"
+    assert not {k for k in aio if k.startswith("ssl_")} - {"ssl_context"}
