@@ -1,8 +1,9 @@
-"""The Faust app: app, topics, the agent that updates interests, the rebalance hook. Reads top to bottom.
+"""The Faust app: :func:`make_app` declares it (app, topic, the agent that updates interests, the rebalance hooks,
+the lag timer) around a batch step; nothing happens at import time. Reads top to bottom.
 
 Started by ``interest-stream worker`` (:mod:`streams.worker`), which checks Redis, creates the topics and starts the
 batch step (a :class:`~streams.stepper.StepperProcess` child, or an ``InterestProcessor`` in this process) before it
-hands it to :func:`bind` and runs the app.
+builds the app around it and runs it.
 
 Per batch (events collected from ``stream.events()``, automatic acks off, while the previous batch was stepped, at
 most max_batch):
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -26,59 +28,55 @@ import faust
 from streams.kafka import KafkaConnection
 from streams.metrics import BATCH_STAGES, Metrics
 from streams.processor import BatchPlan, BatchStep
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 
 log = logging.getLogger("streams.app")
 
-settings: Settings = get_settings()
+
+def faust_options(settings: Settings) -> dict[str, Any]:
+    """The Faust app's configuration from the settings (the bench's no-op agent runs with the same)."""
+    connection = KafkaConnection.from_settings(settings)
+    return {
+        "broker": connection.faust_broker(),
+        "broker_credentials": connection.faust_credentials(),
+        "store": "memory://",
+        "datadir": str(settings.data_dir / "{conf.id}-data"),
+        "topic_partitions": settings.partitions,
+        "topic_disable_leader": True,
+        # > 0 keeps Faust's own assignor (without tables Faust would fall back to round-robin): it co-partitions the
+        # input and re-key topics, so one worker owns a user's partition in both.
+        "table_standby_replicas": 1,
+        "consumer_auto_offset_reset": "earliest",
+        "broker_session_timeout": settings.session_timeout_s,
+        "broker_heartbeat_interval": min(3.0, settings.session_timeout_s / 3),
+        "broker_commit_interval": settings.commit_interval_s,
+        "broker_max_poll_records": max(500, settings.max_batch),
+        "stream_buffer_maxsize": max(4096, 2 * settings.max_batch),
+        # output records wait for delivery at the end of each batch: a short linger keeps that wait short
+        "producer_linger_ms": 1,
+        "producer_max_batch_size": 256 * 1024,
+        "web_enabled": settings.web_port > 0,
+        "web_port": settings.web_port or 6066,
+        "web_bind": "0.0.0.0",
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
 
 
-connection = KafkaConnection.from_settings(settings)
+@dataclass
+class Runtime:
+    """What the agent, the hooks and the timer share: the batch step, the metrics, the app, and per partition the
+    offset after the last event this worker applied (for the lag gauge)."""
 
-app = faust.App(
-    settings.app_id,
-    broker=connection.faust_broker(),
-    broker_credentials=connection.faust_credentials(),
-    store="memory://",
-    datadir=str(settings.data_dir / "{conf.id}-data"),
-    topic_partitions=settings.partitions,
-    topic_disable_leader=True,
-    # > 0 keeps Faust's own assignor (without tables Faust would fall back to round-robin): it co-partitions the
-    # input and re-key topics, so one worker owns a user's partition in both.
-    table_standby_replicas=1,
-    consumer_auto_offset_reset="earliest",
-    broker_session_timeout=settings.session_timeout_s,
-    broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
-    broker_commit_interval=settings.commit_interval_s,
-    broker_max_poll_records=max(500, settings.max_batch),
-    stream_buffer_maxsize=max(4096, 2 * settings.max_batch),
-    # output records wait for delivery at the end of each batch: a short linger keeps that wait short
-    producer_linger_ms=1,
-    producer_max_batch_size=256 * 1024,
-    web_enabled=settings.web_port > 0,
-    web_port=settings.web_port or 6066,
-    web_bind="0.0.0.0",
-    key_serializer="raw",
-    value_serializer="raw",
-)
+    settings: Settings
+    processor: BatchStep
+    metrics: Metrics
+    app: faust.App
+    applied_to: dict = field(default_factory=dict)
 
-# Input: the clicks topic and the re-key topic, consumed by the same agent, hence co-partitioned by Faust's assignor.
-clicks_topic = app.topic(settings.input_topic, settings.rekey_topic, key_serializer="raw", value_serializer="raw")
-
-processor: BatchStep | None = None
-metrics: Metrics = Metrics()
-applied_to: dict = {}  # TP -> offset after the last event applied (acked) in this worker, for the lag gauge
-
-
-def bind(ready: BatchStep, worker_metrics: Metrics) -> None:
-    """Hand the app its batch step (model session + state store, here or in the step process) before it starts."""
-    global processor, metrics
-    processor, metrics = ready, worker_metrics
-
-
-def kafka_producer() -> Any:
-    """The aiokafka producer under Faust's: a batch's records are appended straight into its record batches."""
-    return app.producer._ensure_producer()  # type: ignore[attr-defined]  # Faust's aiokafka driver (pinned)
+    def producer(self) -> Any:
+        """The aiokafka producer under Faust's: a batch's records are appended straight into its record batches."""
+        return self.app.producer._ensure_producer()  # type: ignore[attr-defined]  # Faust's aiokafka driver (pinned)
 
 
 def abandon(reason: str) -> None:
@@ -107,14 +105,15 @@ class BatchPipeline:
     worker (nothing of its batch is acked).
     """
 
-    def __init__(self, stream: faust.StreamT, max_batch: int, linger: float) -> None:
+    def __init__(self, stream: faust.StreamT, runtime: Runtime) -> None:
         self.stream = stream
-        self.max_batch = max_batch
-        self.linger = linger
+        self.runtime = runtime
+        self.max_batch = runtime.settings.max_batch
+        self.linger = runtime.settings.max_latency_ms / 1000.0
         self.pending: list[faust.EventT] = []  # collected, not yet stepped
         self.first_at = 0.0  # loop time the oldest pending event arrived
         self.first_seen: tuple[float, float] | None = None  # its produce and arrival times (epoch s), if known
-        self.stage = {s: metrics.batch_stage_seconds.labels(s) for s in BATCH_STAGES}
+        self.stage = {s: runtime.metrics.batch_stage_seconds.labels(s) for s in BATCH_STAGES}
         self.arrived = asyncio.Event()  # pending is not empty
         self.full = asyncio.Event()  # pending holds max_batch events
         self.room = asyncio.Event()  # pending is below max_batch
@@ -160,7 +159,7 @@ class BatchPipeline:
         return events
 
     async def _step(self) -> None:
-        assert processor is not None, "streams.app.bind() was not called"
+        processor, metrics, producer = self.runtime.processor, self.runtime.metrics, self.runtime.producer
         loop = asyncio.get_running_loop()
         while True:
             await self.arrived.wait()
@@ -175,7 +174,7 @@ class BatchPipeline:
                 metrics.batch_size.observe(len(messages))
                 taken = time.perf_counter()
                 # the batch's records go to the producer at once: delivery overlaps the previous batch's Redis write
-                plan = await processor.prepare(messages, kafka_producer())
+                plan = await processor.prepare(messages, producer())
                 stepped = time.perf_counter()
                 self.stage["step"].observe(stepped - taken)
             except Exception as exc:  # a bug: never ack what was not applied
@@ -184,12 +183,12 @@ class BatchPipeline:
             await self.to_write.put((events, plan, stepped))
 
     async def _write(self) -> None:
-        assert processor is not None, "streams.app.bind() was not called"
+        processor, producer, applied_to = self.runtime.processor, self.runtime.producer, self.runtime.applied_to
         ack = self.stream.ack
         while True:
             events, plan, stepped = await self.to_write.get()
             try:
-                await processor.finish(plan, kafka_producer())
+                await processor.finish(plan, producer())
                 self.stage["write"].observe(time.perf_counter() - stepped)
                 for event in events:
                     await ack(event)
@@ -211,50 +210,56 @@ class BatchPipeline:
             task.cancel()
 
 
-@app.agent(clicks_topic)
-async def update_interests(stream: faust.StreamT) -> None:
-    """Step batches of click events into the users' states and publish their new distributions."""
-    pipeline = BatchPipeline(stream, settings.max_batch, settings.max_latency_ms / 1000.0)
-    try:
-        # no automatic acks (Faust's would ack each event when the next arrives): the pipeline acks each event
-        # once its batch is applied
-        stream.enable_acks = False
-        async for event in stream.events():
-            await pipeline.add(event)
-    except asyncio.CancelledError:
-        # graceful stop: finish what was collected before the consumer commits, or abandon it unacked
-        await asyncio.shield(pipeline.drain(settings.session_timeout_s))
-        raise
+def make_app(settings: Settings, processor: BatchStep, metrics: Metrics) -> faust.App:
+    """The worker's Faust app around its batch step (model session + state store, here or in the step process)."""
+    app = faust.App(settings.app_id, **faust_options(settings))
+    rt = Runtime(settings, processor, metrics, app)
+    # Input: the clicks topic and the re-key topic, consumed by one agent, hence co-partitioned by Faust's assignor.
+    clicks = app.topic(settings.input_topic, settings.rekey_topic, key_serializer="raw", value_serializer="raw")
 
+    @app.agent(clicks, name="streams.app.update_interests")
+    async def update_interests(stream: faust.StreamT) -> None:
+        """Step batches of click events into the users' states and publish their new distributions."""
+        pipeline = BatchPipeline(stream, rt)
+        try:
+            # no automatic acks (Faust's would ack each event when the next arrives): the pipeline acks each event
+            # once its batch is applied
+            stream.enable_acks = False
+            async for event in stream.events():
+                await pipeline.add(event)
+        except asyncio.CancelledError:
+            # graceful stop: finish what was collected before the consumer commits, or abandon it unacked
+            await asyncio.shield(pipeline.drain(settings.session_timeout_s))
+            raise
 
-@app.on_partitions_assigned.connect  # type: ignore[arg-type]  # Faust passes ``signal`` in **kwargs
-async def count_assigned(sender: faust.App, assigned: set, **kwargs: object) -> None:
-    """The gauge of owned partitions (a rebalance assigns the whole new set)."""
-    topics = {settings.input_topic, settings.rekey_topic}
-    metrics.partitions_assigned.set(sum(1 for tp in assigned if tp.topic in topics))
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # Faust passes ``signal`` in **kwargs
+    async def count_assigned(sender: faust.App, assigned: set, **kwargs: object) -> None:
+        """The gauge of owned partitions (a rebalance assigns the whole new set)."""
+        topics = {settings.input_topic, settings.rekey_topic}
+        metrics.partitions_assigned.set(sum(1 for tp in assigned if tp.topic in topics))
 
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # Faust passes ``signal`` in **kwargs
+    async def drop_cached_states(sender: faust.App, revoked: set, **kwargs: object) -> None:
+        """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""
+        for tp in revoked:
+            rt.applied_to.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+        if revoked:
+            processor.drop_cache()
+            log.info("partitions revoked (%d): state cache dropped", len(revoked))
 
-@app.on_partitions_revoked.connect  # type: ignore[arg-type]  # Faust passes ``signal`` in **kwargs
-async def drop_cached_states(sender: faust.App, revoked: set, **kwargs: object) -> None:
-    """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""
-    for tp in revoked:
-        applied_to.pop(tp, None)
-        with contextlib.suppress(KeyError):
-            metrics.consumer_lag.remove(tp.topic, str(tp.partition))
-    if processor is not None and revoked:
-        processor.drop_cache()
-        log.info("partitions revoked (%d): state cache dropped", len(revoked))
+    @app.timer(5.0)
+    async def report_lag() -> None:
+        """Per owned partition: its high watermark (as of the last fetch) minus the next offset to apply, which is
+        the offset after the last event this worker applied, or the group's committed offset before that."""
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None or highwater < 0:
+                continue
+            committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]  # Faust has no public getter
+            next_offset = rt.applied_to.get(tp) or committed or 0
+            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
 
-
-@app.timer(5.0)
-async def report_lag() -> None:
-    """Per owned partition: its high watermark (as of the last fetch) minus the next offset to apply, which is the
-    offset after the last event this worker applied, or the group's committed offset before that."""
-    consumer = app.consumer
-    for tp in consumer.assignment():
-        highwater = consumer.highwater(tp)
-        if highwater is None or highwater < 0:
-            continue
-        committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]  # Faust has no public getter
-        next_offset = applied_to.get(tp) or committed or 0
-        metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+    return app

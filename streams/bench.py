@@ -1219,25 +1219,19 @@ def noop_worker(argv: list[str]) -> int:
 
     import faust
 
+    from streams.app import faust_options
     from streams.settings import Settings
 
-    defaults = Settings()
-    sys.setswitchinterval(defaults.gil_switch_ms / 1000)  # as the worker
-    app = faust.App(
-        a.group,
-        broker=f"kafka://{a.bootstrap}",
-        store="memory://",
-        datadir=str(a.result.parent / "{conf.id}-data"),
-        topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=float(SESSION_TIMEOUT_S),
-        broker_heartbeat_interval=2.0,
-        broker_max_poll_records=max(500, a.max_batch),  # as the worker's app
-        stream_buffer_maxsize=max(4096, 2 * a.max_batch),
-        web_enabled=False,
-        key_serializer="raw",
-        value_serializer="raw",
+    defaults = Settings(
+        kafka_bootstrap=a.bootstrap,
+        app_id=a.group,
+        max_batch=a.max_batch,
+        session_timeout_s=float(SESSION_TIMEOUT_S),
+        web_port=0,
+        data_dir=a.result.parent,
     )
+    sys.setswitchinterval(defaults.gil_switch_ms / 1000)  # as the worker
+    app = faust.App(a.group, **faust_options(defaults))  # the worker's Faust configuration
     topic = app.topic(a.topic, key_serializer="raw", value_serializer="raw")
     state = {"n": 0, "batches": 0, "first": None, "first_batch": 0, "done": False}
 

@@ -16,9 +16,11 @@ import signal
 import sys
 import time
 
+import faust
 import orjson
 
 from models.errors import ModelError, ServiceError
+from streams.app import make_app
 from streams.logs import logging_config
 from streams.processor import BatchStep, InterestProcessor
 from streams.settings import Settings, load_settings
@@ -101,9 +103,6 @@ def run(args: argparse.Namespace) -> int:
 
     skip_undecodable_batches(skipped)
 
-    # import the app only now: it reads the same settings at import time
-    from streams import app as faust_app
-
     processor: BatchStep
     stepper: StepperProcess | None = None
     if settings.step_process:
@@ -120,11 +119,9 @@ def run(args: argparse.Namespace) -> int:
         info["sequence"],
         f"in process {stepper.proc.pid}" if stepper is not None else "in the worker's process",
     )
-    faust_app.bind(processor, metrics)
+    app = make_app(settings, processor, metrics)
     metrics.serve(settings.metrics_port)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-
-    import faust
 
     class Worker(faust.Worker):
         async def on_startup_finished(self) -> None:
@@ -135,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             log.info("worker ready: consuming %s and %s", settings.input_topic, settings.rekey_topic)
 
     worker = Worker(
-        faust_app.app,
+        app,
         loglevel=settings.log_level.lower(),
         logging_config=logging_config(settings),
         quiet=True,

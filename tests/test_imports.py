@@ -77,3 +77,18 @@ def test_no_import_cycles() -> None:
         if mod not in state:
             visit(mod)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_importing_reads_no_settings_and_starts_nothing() -> None:
+    """Every module imports with settings that would not validate: nothing reads them (or builds an app, or opens a
+    connection) at import time; declarations only."""
+    import subprocess
+    import sys
+
+    modules = sorted(_graph())
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')"
+    env = {"PATH": "/usr/bin:/bin", "INTEREST_PARTITIONS": "not-a-number", "INTEREST_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, *modules], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
