@@ -37,8 +37,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, DataError, NoPermissionError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.errors import ServiceError
@@ -172,6 +172,16 @@ def decode_state(values: Sequence[bytes | None], version: str, hidden: int) -> t
     return st, f"unreadable {', '.join(problems)} (dropped)" if problems else ""
 
 
+def startup_failure(settings: Settings, exc: RedisError, deadline: float) -> ServiceError | None:
+    """Whether a failed PING at start-up is final: a refused login or a missing permission will not fix itself, so
+    at once; anything else (Redis still starting, a network blip) once ``deadline`` (monotonic) has passed. The
+    error names the URL with its password masked; None means: retry."""
+    denied = isinstance(exc, AuthenticationError | NoPermissionError)
+    if denied or time.monotonic() > deadline:
+        return ServiceError(f"cannot reach Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
+    return None
+
+
 def user_key(prefix: str, user_id: str) -> str:
     """The one place that builds a user's Redis key: ``<prefix><user_id>`` (the layout the README documents; user ids
     are validated before they get here)."""
@@ -256,7 +266,7 @@ class StateStore:
         return user_key(self.prefix, user_id)
 
     async def start(self, timeout: float = 30.0) -> None:
-        """Connect and PING, retrying until ``timeout``; raise ServiceError with the (redacted) URL after."""
+        """Connect and PING, retrying as :func:`startup_failure` says; raise its ServiceError when it gives up."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -265,10 +275,9 @@ class StateStore:
                 log.info("redis connected: %s", redact_url(self.settings.redis_url))
                 return
             except RedisError as exc:
-                if time.monotonic() > deadline:
-                    raise ServiceError(
-                        f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {type(exc).__name__}: {exc}"
-                    ) from None
+                failure = startup_failure(self.settings, exc, deadline)
+                if failure is not None:
+                    raise failure from None
                 await asyncio.sleep(0.5)
 
     async def load_scripts(self) -> None:

@@ -19,7 +19,7 @@ import time
 import faust
 import orjson
 
-from models.errors import ModelError, ServiceError
+from models.errors import ModelError
 from streams.app import make_app
 from streams.logs import logging_config
 from streams.processor import BatchStep, InterestProcessor
@@ -31,8 +31,7 @@ def check_redis(settings: Settings, timeout: float = 30.0) -> None:
     """Fail with a clear message (password masked) if Redis does not answer within ``timeout``."""
     import redis
 
-    from streams.settings import redact_url
-    from streams.state import sync_client
+    from streams.state import startup_failure, sync_client
 
     client = sync_client(settings)
     deadline = time.monotonic() + timeout
@@ -42,12 +41,9 @@ def check_redis(settings: Settings, timeout: float = 30.0) -> None:
                 client.ping()
                 return
             except redis.RedisError as exc:
-                # a wrong password or a missing permission will not fix itself: say so now, not after the timeout
-                denied = isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError)
-                if denied or time.monotonic() > deadline:
-                    raise ServiceError(
-                        f"cannot reach Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}"
-                    ) from None
+                failure = startup_failure(settings, exc, deadline)
+                if failure is not None:
+                    raise failure from None
                 time.sleep(0.5)
     finally:
         client.close()
