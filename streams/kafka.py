@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -264,7 +265,15 @@ def ensure_topics(settings: Settings) -> dict[str, int]:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker created them meanwhile
                 client.create_topics(missing)
             log.info("created topics: %s", ", ".join(f"{t.name}[{t.num_partitions}]" for t in missing))
+        # Kafka answers CreateTopics before every broker's metadata has the new topics: wait until they show
         counts = _partition_counts(client)
+        deadline = time.monotonic() + 30.0
+        while any(t not in counts for t in wanted):
+            if time.monotonic() > deadline:
+                absent = ", ".join(t for t in wanted if t not in counts)
+                raise ServiceError(f"topics {absent} still missing from Kafka's metadata 30 s after creating them")
+            time.sleep(0.1)
+            counts = _partition_counts(client)
     finally:
         client.close()
     if counts.get(settings.rekey_topic) != counts.get(settings.input_topic):
