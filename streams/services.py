@@ -34,32 +34,30 @@ from streams.settings import LOCAL_KAFKA_PORT, LOCAL_REDIS_PORT
 RUN_DIR = Path(".run")
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_LIBS = REPO / ".deps" / "kafka" / "libs"
-KAFKA_POM = REPO / "deps" / "kafka" / "pom.xml"
 KAFKA_HEAP = "512m"
 
 
 def java_binary() -> Path:
-    """``java`` from JAVA_HOME or the PATH (Debian's ``openjdk-17-jre-headless``; ``make setup`` installs it)."""
+    """``java`` from JAVA_HOME or the PATH (Debian's ``openjdk-17-jdk-headless``; ``make setup`` installs it)."""
     home = Path(os.environ.get("JAVA_HOME") or "/nonexistent")
     found = str(home / "bin" / "java") if (home / "bin" / "java").exists() else shutil.which("java")
     if not found:
-        raise ServiceError("java not found; `make setup` installs it (apt-get install -y openjdk-17-jre-headless)")
+        raise ServiceError("java not found; `make setup` installs it (apt-get install -y openjdk-17-jdk-headless)")
     return Path(found)
 
 
-def kafka_classpath(libs: Path = KAFKA_LIBS) -> str:
-    """The broker's classpath: every jar Maven fetched for ``deps/kafka/pom.xml``."""
-    if not any(libs.glob("kafka_2.13-*.jar")):
-        raise ServiceError(f"Apache Kafka's jars are not in {libs}; run `make setup` (Maven fetches them)")
-    return str(libs / "*")
-
-
 def kafka_version(libs: Path = KAFKA_LIBS) -> str:
-    """The version of the broker jar in ``libs`` (e.g. ``4.1.2``)."""
+    """The version of the broker jar Maven fetched for ``deps/kafka/pom.xml`` into ``libs`` (e.g. ``4.1.2``)."""
     jars = sorted(libs.glob("kafka_2.13-*.jar"))
     if not jars:
         raise ServiceError(f"Apache Kafka's jars are not in {libs}; run `make setup` (Maven fetches them)")
     return jars[-1].name.removeprefix("kafka_2.13-").removesuffix(".jar")
+
+
+def kafka_classpath(libs: Path = KAFKA_LIBS) -> str:
+    """The broker's classpath: every jar in ``libs`` (after checking the broker's is there)."""
+    kafka_version(libs)
+    return str(libs / "*")
 
 
 def redis_binary() -> Path:
