@@ -32,7 +32,7 @@ $(KAFKA_STAMP): deps/kafka/pom.xml | system-deps
 	mvn -q -B -f deps/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS)
 	@touch $(KAFKA_STAMP)
 
-# The conformance tests' producers (tests/streams/test_conformance.py): Apache Kafka's Java client (Maven Central,
+# The conformance tests' producers (tests/system/test_conformance.py): Apache Kafka's Java client (Maven Central,
 # checksums checked; FileProducer.java compiled into .deps/clients/java/classes) and kafkajs (npm ci from the committed
 # package-lock.json). Each reruns only when its inputs change.
 CLIENTS_JAVA := .deps/clients/java
@@ -93,7 +93,7 @@ test-slim: setup
 	@$(SLIM)/bin/python -c 'import importlib.util as u, sys; sys.exit("torch is installed in $(SLIM)" if u.find_spec("torch") or u.find_spec("matplotlib") else 0)'
 	$(BIN)/python -c "from export.onnx_export import build_default_model as b; b('$(SLIM_MODEL)', fast=True)" >/dev/null
 	INTEREST_TEST_MODEL=$(CURDIR)/$(SLIM_MODEL)/model.onnx $(SLIM)/bin/python -m pytest -q -p no:cacheprovider \
-	  tests/streams/test_events.py tests/streams/test_processor.py tests/streams/test_stepper.py tests/streams/test_worker.py
+	  tests/streams/core/test_events.py tests/streams/core/test_processor.py tests/streams/runtime/test_stepper.py tests/streams/runtime/test_worker.py
 
 # everything but the fault suite (for a quick loop while developing)
 test-fast: setup

@@ -23,13 +23,13 @@ EXTRAS = {"torch": "train", "matplotlib": "train", "psutil": "bench"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("models.train", "train the interest LSTM on a real data set and evaluate it against baselines"),
     "export": ("export.onnx_export", "export a checkpoint to the single-step ONNX graph and check parity"),
-    "worker": ("streams.worker", "run the Faust stream worker"),
-    "replay": ("streams.replay", "produce a data set (or synthetic load) into the input topic"),
+    "worker": ("streams.runtime.worker", "run the Faust stream worker"),
+    "replay": ("streams.tools.replay", "produce a data set (or synthetic load) into the input topic"),
     "lookup": ("streams.lookup", "print a user's interest distribution from Redis"),
-    "verify": ("streams.verify", "replay the log offline through the model and compare with Redis"),
-    "bench": ("streams.bench", "benchmark the worker against ceilings and a naive design"),
-    "demo": ("streams.demo", "services, model, worker and replay on ML-100K, with live distributions"),
-    "services": ("streams.services", "start/stop the local broker and Redis"),
+    "verify": ("streams.tools.verify", "replay the log offline through the model and compare with Redis"),
+    "bench": ("streams.bench.run", "benchmark the worker against ceilings and a naive design"),
+    "demo": ("streams.local.demo", "services, model, worker and replay on ML-100K, with live distributions"),
+    "services": ("streams.local.services", "start/stop the local broker and Redis"),
 }
 
 

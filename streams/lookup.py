@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 import orjson
 import redis
 
-from streams.events import USER_ID_RE
+from streams.core.events import USER_ID_RE
+from streams.core.state import sync_client, user_key
 from streams.settings import Settings, get_settings
-from streams.state import sync_client, user_key
 
 LOOKUP_FIELDS = ("probs", "top", "event_ts", "updated_at", "model_version", "events")
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from models.data import SHARED_DATA
-from streams.services import free_port, start_broker, start_redis
+from streams.local.services import free_port, start_broker, start_redis
 from tests.model_fixtures import trained_model  # noqa: F401  (session fixture: small ML-100K model, exported)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +107,24 @@ def data_dir() -> Path:
     if not DATA.exists():
         pytest.fail(f"real data sets not found at {DATA} (expected ../shared/data beside the repo)")
     return DATA
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings_for(names, kafka_bootstrap: str, redis_url: str, trained_model):  # noqa: F811  (the fixture above)
+    """Settings pointing at this test's topics, prefix and the session's model."""
+    from streams.settings import Settings
+
+    def make(**overrides: object) -> Settings:
+        values = {k[len("INTEREST_") :].lower(): v for k, v in names.worker_env(kafka_bootstrap, redis_url).items()}
+        values["model_path"] = trained_model
+        values.update(overrides)
+        return Settings(**values)
+
+    return make

@@ -56,6 +56,58 @@ def test_layers_import_only_downwards() -> None:
     assert not upward, "imports against the layers (models <- export <- streams):\n" + "\n".join(sorted(upward))
 
 
+# streams/ by purpose, lowest first: the service core (and the settings, logging and Kafka plumbing it uses), then the
+# Faust runtime, the operator tools and the reader API, then local services and the demo, then the bench and the CLI
+STREAMS_PARTS = (
+    ("streams.settings", "streams.logs", "streams.kafka", "streams.core"),
+    ("streams.runtime", "streams.tools", "streams.lookup"),
+    ("streams.local",),
+    ("streams.bench", "streams.cli", "streams"),
+)
+
+
+def _part(mod: str) -> int:
+    for rank, prefixes in enumerate(STREAMS_PARTS):
+        if any(mod == p or mod.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{mod} belongs to no part of streams/; add it to STREAMS_PARTS")
+
+
+def test_streams_parts_import_only_downwards() -> None:
+    graph = _graph()
+    upward = [
+        f"{mod} imports {dep}"
+        for mod, deps in graph.items()
+        if mod.startswith("streams")
+        for dep in deps
+        if dep.startswith("streams") and _part(dep) > _part(mod)
+    ]
+    assert not upward, "imports against the parts of streams/:\n" + "\n".join(sorted(upward))
+
+
+def test_the_service_core_has_no_faust() -> None:
+    """The hot path's code (events, processor, state, metrics) runs without Faust: only the runtime knows it is a
+    Faust app (and ``streams.kafka``, which renders the one connection config for Faust too, imports it only there)."""
+    with_faust = [
+        str(path.relative_to(REPO))
+        for prefix in ("streams/core", "streams/settings.py")
+        for path in ([REPO / prefix] if prefix.endswith(".py") else sorted((REPO / prefix).rglob("*.py")))
+        if any(m.split(".")[0] == "faust" for m in _all_imports(path))
+    ]
+    assert not with_faust, f"these import faust: {with_faust}"
+
+
+def _all_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
 def test_no_import_cycles() -> None:
     graph = _graph()
     cycles: list[list[str]] = []
@@ -85,7 +137,7 @@ def test_importing_reads_no_settings_and_starts_nothing() -> None:
     import subprocess
     import sys
 
-    modules = sorted(_graph())
+    modules = sorted(m for m in _graph() if not m.endswith("__main__"))  # a __main__ runs when imported
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')"
     env = {"PATH": "/usr/bin:/bin", "INTEREST_PARTITIONS": "not-a-number", "INTEREST_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
     out = subprocess.run(

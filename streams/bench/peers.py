@@ -1,0 +1,123 @@
+"""The bench's hidden subcommands, each in its own process like the worker: the Faust no-op agent and the
+transport floor's consumer (``python -m streams.bench noop-worker|floor-consumer``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from streams.bench.common import MAX_BATCH, SESSION_TIMEOUT_S, write_result
+from streams.bench.histograms import quantiles_ms
+
+
+def noop_worker(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m streams.bench noop-worker")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--group", required=True)
+    ap.add_argument("--expect", type=int, required=True)
+    ap.add_argument("--result", type=Path, required=True)
+    ap.add_argument("--max-batch", type=int, default=MAX_BATCH)
+    ap.add_argument("--skip", type=int, default=0, help="with --latency: events not timed (the warm-up)")
+    ap.add_argument("--latency", action="store_true", help="iterate stream.events() and time produce -> agent")
+    a = ap.parse_args(argv)
+
+    import faust
+
+    from streams.runtime.app import faust_options
+    from streams.settings import Settings
+
+    defaults = Settings(
+        kafka_bootstrap=a.bootstrap,
+        app_id=a.group,
+        max_batch=a.max_batch,
+        session_timeout_s=float(SESSION_TIMEOUT_S),
+        web_port=0,
+        data_dir=a.result.parent,
+    )
+    sys.setswitchinterval(defaults.gil_switch_ms / 1000)  # as the worker
+    app = faust.App(a.group, **faust_options(defaults))  # the worker's Faust configuration
+    topic = app.topic(a.topic, key_serializer="raw", value_serializer="raw")
+    state = {"n": 0, "batches": 0, "first": None, "first_batch": 0, "done": False}
+
+    async def timed(stream):
+        lat: list[float] = []
+        seen = 0
+        async for event in stream.events():
+            seen += 1
+            if seen > a.skip:
+                lat.append(time.time() - event.message.timestamp)  # Faust's timestamp is in seconds
+            if seen == a.skip:
+                a.result.with_suffix(".ready").touch()
+            if seen == a.expect:
+                write_result(a.result, {"events": len(lat), "latency_ms": quantiles_ms(lat)})
+
+    async def sink(stream):
+        async for events in stream.take_events(a.max_batch, within=defaults.max_latency_ms / 1000):
+            now = time.time()
+            k = len(events)
+            if state["first"] is None:
+                state["first"], state["first_batch"] = now, k
+            state["n"] += k
+            state["batches"] += 1
+            if state["n"] >= a.expect and not state["done"]:
+                state["done"] = True
+                out = {
+                    "events": state["n"],
+                    "batches": state["batches"],
+                    "first": state["first"],
+                    "first_batch": state["first_batch"],
+                    "last": now,
+                }
+                write_result(a.result, out)
+
+    app.agent(topic, name="sink")(timed if a.latency else sink)
+
+    worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False, override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def floor_consumer(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m streams.bench floor-consumer")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--expect", type=int, required=True)
+    ap.add_argument("--skip", type=int, default=0, help="events not timed (the warm-up)")
+    ap.add_argument("--result", type=Path, required=True)
+    a = ap.parse_args(argv)
+
+    from aiokafka import AIOKafkaConsumer
+
+    async def go() -> dict:
+        c = AIOKafkaConsumer(
+            a.topic,
+            bootstrap_servers=a.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=1500,  # as the worker's consumer (Faust's)
+            max_poll_records=MAX_BATCH,
+        )
+        await c.start()
+        lat: list[float] = []
+        seen = 0
+        try:
+            while seen < a.expect:
+                for records in (await c.getmany(timeout_ms=1000)).values():
+                    now = time.time()
+                    lat.extend(now - rec.timestamp / 1e3 for rec in records[max(0, a.skip - seen) :])
+                    seen += len(records)
+                    if seen >= a.skip and not a.result.with_suffix(".ready").exists():
+                        a.result.with_suffix(".ready").touch()
+        finally:
+            await c.stop()
+        return {"events": len(lat), "latency_ms": quantiles_ms(lat)}
+
+    write_result(a.result, asyncio.run(go()))
+    return 0

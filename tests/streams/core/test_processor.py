@@ -1,0 +1,259 @@
+"""The batch processor and the Redis state store, against a real Redis (and the real broker for its records)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+import pytest
+
+from export.runtime import StepSession
+from streams.core.processor import DLQ_MAX_VALUE, InterestProcessor, RawMessage, default_partition
+from streams.core.state import StateStore
+from streams.kafka import ensure_topics, output_producer
+from streams.lookup import bar_chart, get_interests
+from streams.tools.verify import verify_events
+from tests.harness import consume_all, raw_messages
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def setup(settings_for, trained_model):
+    settings = settings_for()
+    session = StepSession(trained_model, device="cpu")
+    catalog = session.load_catalog()
+
+    def make() -> InterestProcessor:
+        store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+        return InterestProcessor(session, store, settings, catalog, {settings.input_topic: 4})
+
+    return settings, session, make
+
+
+async def _run(proc: InterestProcessor, msgs):
+    plan = await proc.prepare(msgs)
+    await proc.write(plan)
+    return plan
+
+
+def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
+    settings, session, make = setup
+    proc = make()
+    events = [
+        {"user_id": "a", "item_id": "1", "ts": 100, "action": "4", "event_id": "e1"},
+        {"user_id": "b", "item_id": "2", "ts": 101, "event_id": "e2"},
+        {"user_id": "a", "item_id": "3", "ts": 160, "action": "5", "event_id": "e3"},
+    ]
+    msgs = raw_messages(settings, events)
+    plan = asyncio.run(_run(proc, msgs))
+    assert plan.applied == 3 and plan.duplicates == 0
+    # user b's first event was stepped from the learned initial state
+    h, c = session.initial_state(1)
+    cats = proc.decoder.decode(msgs[1].value).categories
+    feats = session.encoder.encode([cats], np.array([session.encoder.action_index(None)]), np.array([np.nan]))
+    p, _, _ = session.step(feats, h, c)
+    got = orjson.loads(rclient.hget(settings.redis_prefix + "b", "probs"))
+    assert np.max(np.abs(np.asarray(got) - p[0])) <= 1e-6
+    assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
+
+    # redelivery (same offsets) and a re-send (new offsets, same ids) are both skipped, by a fresh process too
+    again = asyncio.run(_run(make(), msgs))
+    assert again.applied == 0 and again.duplicates == 3
+    resent = asyncio.run(_run(make(), raw_messages(settings, events, start=10)))
+    assert resent.applied == 0 and resent.duplicates == 3
+    assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
+
+
+def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rclient) -> None:
+    """prepare(..., producer) hands a batch's records over at once, so their delivery overlaps the previous batch's
+    Redis write; Redis is written only by finish, after delivery; two batches' records arrive in order."""
+    settings = settings_for(device="cpu")
+    proc = InterestProcessor.from_settings(settings, ensure_topics(settings))
+    events = [{"user_id": "p", "item_id": str(i), "ts": 100 + i, "event_id": f"p{i}"} for i in range(1, 7)]
+    msgs = raw_messages(settings, events)
+    key = settings.redis_prefix + "p"
+
+    async def run() -> None:
+        producer = output_producer(settings)
+        await producer.start()
+        try:
+            first = await proc.prepare(msgs[:3], producer)
+            second = await proc.prepare(msgs[3:], producer)  # stepped on the first batch's states, not yet in Redis
+            assert first.delivery and second.delivery
+            await asyncio.wait_for(asyncio.gather(*first.delivery, *second.delivery), 30)
+            assert not rclient.exists(key)  # delivered, not written
+            await proc.finish(first, producer)
+            assert int(rclient.hget(key, "events")) == 3
+            await proc.finish(second, producer)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+    assert int(rclient.hget(key, "events")) == 6
+    out = consume_all(settings.kafka_bootstrap, settings.output_topic, len(events))
+    assert [orjson.loads(r.value)["event_id"] for r in out] == [e["event_id"] for e in events]
+
+
+def test_a_huge_event_is_dead_lettered_cut_to_256_kib(settings_for) -> None:
+    """An event near the broker's size limit would not fit the dead-letter topic again with the added headers (the
+    worker would abandon its batch and meet it again, for ever): its dead letter is cut, and says so."""
+    settings = settings_for(device="cpu")
+    partitions = ensure_topics(settings)
+    proc = InterestProcessor.from_settings(settings, partitions)
+    huge = b'{"user_id": "h", "item_id": "' + b"x" * 1_000_000 + b'", "ts": 1}'
+    home = default_partition(b"h", partitions[settings.input_topic])  # else the good event is re-keyed
+    good = raw_messages(settings, [{"user_id": "h", "item_id": "1", "ts": 2}], start=1, partition=home)
+    msgs = [RawMessage(settings.input_topic, 0, 0, b"h", huge), *good]
+
+    async def run() -> None:
+        producer = output_producer(settings)
+        await producer.start()
+        try:
+            await proc.finish(await proc.prepare(msgs, producer), producer)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+    (dead,) = consume_all(settings.kafka_bootstrap, settings.dlq_topic, 1)
+    headers = dict(dead.headers)
+    assert headers["dlq.reason"] == b"oversized" and headers["dlq.truncated"] == str(len(huge)).encode()
+    assert dead.value == huge[:DLQ_MAX_VALUE]
+    assert len(consume_all(settings.kafka_bootstrap, settings.output_topic, 1)) == 1  # the good event went on
+
+
+def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
+    settings, _session, make = setup
+    first, second = make(), make()
+    e1 = {"user_id": "z", "item_id": "1", "ts": 1, "event_id": "1"}
+    e2 = {"user_id": "z", "item_id": "2", "ts": 2, "event_id": "2"}
+    asyncio.run(_run(first, raw_messages(settings, [e1, e2])))
+    # a zombie that saw only e1 (from an empty state) must not overwrite the 2-event state
+    zombie = make()
+    key = settings.redis_prefix + "z"
+
+    async def zombie_write() -> int:
+        rclient.hset(key, "model_version", "x")  # the zombie reads "no state"
+        plan = await zombie.prepare(raw_messages(settings, [e1]))
+        rclient.hset(key, "model_version", second.version)
+        return await zombie.write(plan)
+
+    assert asyncio.run(zombie_write()) == 1
+    assert int(rclient.hget(key, "events")) == 2
+    # a state of another model version is reset: the user starts again from the cold-start state
+    rclient.hset(settings.redis_prefix + "z", "model_version", "old-model")
+    plan = asyncio.run(_run(make(), raw_messages(settings, [e2], start=50)))
+    assert plan.applied == 1
+    assert int(rclient.hget(settings.redis_prefix + "z", "events")) == 1
+
+
+def test_damaged_states_in_redis_are_logged_and_overwritten(setup, rclient, caplog) -> None:
+    """A damaged hash (or a key that is no hash) under the prefix must not stop the worker: the user restarts from
+    the cold-start state and the next write replaces it; damaged bookkeeping alone keeps the recurrent state."""
+    settings, _session, make = setup
+    key = lambda u: settings.redis_prefix + u  # noqa: E731
+    users = ["list", "count", "short", "pos"]
+    asyncio.run(_run(make(), raw_messages(settings, [{"user_id": u, "item_id": "1", "ts": 1} for u in users])))
+    good = rclient.hget(key("pos"), "state")
+    rclient.delete(key("list"))
+    rclient.rpush(key("list"), "x")  # WRONGTYPE for HMGET
+    rclient.hset(key("count"), "events", "lots")
+    rclient.hset(key("short"), mapping={"events": "99", "state": b"\x00" * 12})
+    rclient.hset(key("pos"), "pos", "{not json")
+    proc = make()
+    plan = asyncio.run(_run(proc, raw_messages(settings, [{"user_id": u, "item_id": "2", "ts": 2} for u in users], 9)))
+    assert plan.applied == 4 and proc.store.corrupt_states == 4
+    assert "damaged state in Redis" in caplog.text
+    for u in ("list", "count", "short"):  # restarted cold: one event applied, the hash replaced
+        assert int(rclient.hget(key(u), "events")) == 1, u
+    assert int(rclient.hget(key("pos"), "events")) == 2  # the state itself was kept
+    assert rclient.hget(key("pos"), "state") != good
+    again = make()  # and what was written reads back clean
+    asyncio.run(again.store.load(users))
+    assert again.store.corrupt_states == 0
+
+
+def test_the_oracle_skips_exactly_what_the_worker_skips(settings_for, trained_model, rclient) -> None:
+    """Re-sends: the same event_id for one user is skipped, for another user it is not; identical bytes without an id
+    are skipped too; and only within the user's last dedup_window events (2 here)."""
+    settings = settings_for(dedup_window=2)
+    session = StepSession(trained_model, device="cpu")
+    store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+    proc = InterestProcessor(session, store, settings, session.load_catalog(), {settings.input_topic: 4})
+    ev = lambda u, i, ts, eid=None: {"user_id": u, "item_id": i, "ts": ts, **({"event_id": eid} if eid else {})}  # noqa: E731
+    events = [
+        ev("a", "1", 10, "x"),
+        ev("b", "1", 10, "x"),  # another user's event with the same id: applied
+        ev("a", "1", 10, "x"),  # a re-send: skipped
+        ev("a", "2", 20),
+        ev("a", "2", 20),  # the same bytes, no id: skipped
+        ev("a", "3", 30, "y"),
+        ev("a", "1", 10, "x"),  # out of the window of 2 by now: applied again
+    ]
+    plan = asyncio.run(_run(proc, raw_messages(settings, events)))
+    assert (plan.applied, plan.duplicates) == (5, 2)
+    report = verify_events(events, session, settings, rclient)
+    assert report.ok, report.summary()
+    assert report.events == 5
+
+
+def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> None:
+    settings, session, make = setup
+    events = [{"user_id": "o", "item_id": str(i), "ts": 1000 + 60 * i, "event_id": f"o{i}"} for i in range(1, 40)]
+    others = [{"user_id": f"x{i}", "item_id": str(i), "ts": 1000 + i, "event_id": f"x{i}"} for i in range(1, 40)]
+    mixed = [e for pair in zip(events, others, strict=True) for e in pair]
+    plan = asyncio.run(_run(make(), raw_messages(settings, mixed)))
+    assert plan.applied == len(mixed)
+    # sequential replay of user o alone
+    proc = make()
+    h, c = session.initial_state(1)
+    prev = np.nan
+    for e in events:
+        click = proc.decoder.decode(orjson.dumps(e))
+        f = session.encoder.encode([click.categories], np.array([click.action]), np.array([click.ts - prev]))
+        p, h, c = session.step(f, h, c)
+        prev = click.ts
+    got = np.asarray(orjson.loads(rclient.hget(settings.redis_prefix + "o", "probs")))
+    assert np.max(np.abs(got - p[0])) <= 1e-5
+    outs = [orjson.loads(v) for k, v in plan.outputs if k == b"o"]
+    assert [o["events"] for o in outs] == list(range(1, len(events) + 1))
+
+
+def test_lookup_reads_what_the_worker_wrote(setup, rclient) -> None:
+    settings, _session, make = setup
+    asyncio.run(_run(make(), raw_messages(settings, [{"user_id": "look", "category": "Comedy", "ts": 5}])))
+    interests = get_interests("look", settings)
+    assert interests is not None and interests.events == 1
+    assert abs(sum(interests.probs) - 1) < 1e-4
+    assert interests.top[0][1] >= interests.top[-1][1]
+    chart = bar_chart(interests)
+    assert interests.top[0][0] in chart and "%" in chart
+    assert get_interests("nobody", settings) is None
+    assert get_interests("bad id*", settings) is None
+
+
+def test_optional_ttl(settings_for, trained_model, rclient) -> None:
+    settings = settings_for(redis_ttl_s=600)
+    session = StepSession(trained_model, device="cpu")
+    store = StateStore(settings, session.meta.version, session.meta.hidden_size)
+    proc = InterestProcessor(session, store, settings, session.load_catalog(), {settings.input_topic: 4})
+    asyncio.run(_run(proc, raw_messages(settings, [{"user_id": "ttl", "category": "Drama", "ts": 5}])))
+    assert 0 < rclient.ttl(settings.redis_prefix + "ttl") <= 600
+
+
+def test_step_groups_cover_every_user_once_and_merge_cheap_padding() -> None:
+    from streams.core.processor import step_groups
+
+    rng = np.random.default_rng(0)
+    for counts in ([1, 1, 1], [250, 3, 60, 1, 1, 2, 5, 0], [0, 0, 4], list(rng.integers(0, 300, 500))):
+        counts = np.asarray(counts)
+        groups = step_groups(counts)
+        got = np.sort(np.concatenate(groups)) if groups else np.array([], dtype=np.int64)
+        assert got.tolist() == np.flatnonzero(counts > 0).tolist()  # every present user exactly once
+    assert step_groups(np.zeros(3, dtype=np.int64)) == []
+    # a burst and a few short users: one padded call is cheaper than several
+    assert len(step_groups(np.array([120, 2, 3, 1]))) == 1
+    # one long user and many one-event users: padding all of them to 250 steps would cost far more than a second call
+    groups = step_groups(np.array([250] + [1] * 400))
+    assert len(groups) == 2 and groups[0].tolist() == [0]
