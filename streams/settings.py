@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     """ONNX Runtime device: ``auto`` uses CUDA when a GPU really is there."""
     ort_threads: int = Field(1, ge=0)
     """ONNX Runtime intra-op threads (0 = ORT's default)."""
+    batch_path: bool = True
+    """Faust's consumer hands whole fetches to the worker's batch pipeline (``streams.runtime.batches``); ``false``
+    sends every event through Faust's per-event stream instead (the previous path, kept for one release)."""
     step_process: bool = True
     """Step batches (decode, ONNX Runtime, output records, Redis) in a child process, beside Faust's interpreter."""
     gil_switch_ms: float = Field(1.0, gt=0, le=100)

@@ -2,10 +2,12 @@
 
 import sys
 
-from streams.bench.peers import floor_consumer, noop_worker
+from streams.bench.peers import floor_consumer, noop_worker, quix_noop
 
 if len(sys.argv) > 1 and sys.argv[1] == "noop-worker":
     sys.exit(noop_worker(sys.argv[2:]))
+if len(sys.argv) > 1 and sys.argv[1] == "quix-noop":
+    sys.exit(quix_noop(sys.argv[2:]))
 if len(sys.argv) > 1 and sys.argv[1] == "floor-consumer":
     sys.exit(floor_consumer(sys.argv[2:]))
 from streams.cli import main

@@ -30,6 +30,21 @@ class Ceilings(BenchRun):
         eps = (r["events"] - r["first_batch"]) / max(r["last"] - r["first"], 1e-9)
         return {"eps": eps, "events": r["events"], "seconds": r["last"] - r["first"], "batches": r["batches"]}
 
+    # ---- 1a': the peer framework: a Quix Streams no-op application --------------------------------------------------
+    def quix_noop(self, topic: str, n: int) -> dict:
+        result = self.logs / "quix-result.json"
+        result.unlink(missing_ok=True)
+        args = ("--topic", topic, "--group", f"bench-{self.run_id}-quix", "--expect", str(n), "--result", str(result))
+        proc = self.spawn("quix-noop", *args)
+        try:
+            wait_for(lambda: result.is_file() or proc.poll() is not None, 60 + n / 2000, "the Quix Streams no-op", 0.2)
+        finally:
+            stop_all([proc], 10)
+        if not result.is_file():
+            raise ServiceError(f"the Quix Streams no-op failed; see {self.logs / 'quix-noop.log'}")
+        r = json.loads(result.read_text())
+        return {"eps": (r["events"] - 1) / max(r["last"] - r["first"], 1e-9), "events": r["events"]}
+
     # ---- 1b: aiokafka raw -------------------------------------------------------------------------------------------
     def aiokafka_raw(self, topic: str, n: int) -> dict:
         async def go() -> dict:

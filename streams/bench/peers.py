@@ -1,5 +1,6 @@
-"""The bench's hidden subcommands, each in its own process like the worker: the Faust no-op agent and the
-transport floor's consumer (``python -m streams.bench noop-worker|floor-consumer``)."""
+"""The bench's hidden subcommands, each in its own process like the worker: the Faust no-op agent, the Quix Streams
+no-op application (the peer framework), and the transport floor's consumer
+(``python -m streams.bench noop-worker|quix-noop|floor-consumer``)."""
 
 from __future__ import annotations
 
@@ -120,4 +121,41 @@ def floor_consumer(argv: list[str]) -> int:
         return {"events": len(lat), "latency_ms": quantiles_ms(lat)}
 
     write_result(a.result, asyncio.run(go()))
+    return 0
+
+
+def quix_noop(argv: list[str]) -> int:
+    """A Quix Streams application (librdkafka underneath) that reads the topic and does nothing with each record: the
+    peer framework's ceiling, beside Faust's, on the same broker and topic."""
+    ap = argparse.ArgumentParser(prog="python -m streams.bench quix-noop")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--group", required=True)
+    ap.add_argument("--expect", type=int, required=True)
+    ap.add_argument("--result", type=Path, required=True)
+    a = ap.parse_args(argv)
+
+    from quixstreams import Application
+
+    app = Application(
+        broker_address=a.bootstrap,
+        consumer_group=a.group,
+        auto_offset_reset="earliest",
+        auto_create_topics=False,
+        loglevel="WARNING",
+        state_dir=str(a.result.parent / "quix-state"),
+    )
+    topic = app.topic(a.topic, key_deserializer="bytes", value_deserializer="bytes")
+    state = {"n": 0, "first": 0.0}
+
+    def count(value: object) -> None:
+        n = state["n"] = state["n"] + 1
+        if n == 1:
+            state["first"] = time.time()
+        if n == a.expect:
+            write_result(a.result, {"events": n, "first": state["first"], "last": time.time()})
+            app.stop()
+
+    app.dataframe(topic).update(count)
+    app.run()
     return 0

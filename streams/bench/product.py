@@ -127,7 +127,7 @@ class Products(BenchRun):
                 async for rec in consumer:  # one event at a time, end to end
                     if not done:  # timed from the first event
                         t0 = time.perf_counter()
-                    msg = RawMessage(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp / 1e3)
+                    msg = RawMessage(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp)
                     plan = await processor.prepare([msg])  # one ORT call
                     for key, value in plan.outputs:
                         await producer.send_and_wait(settings.output_topic, value, key=key)  # one awaited send

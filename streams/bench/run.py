@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
         r["noop"] = bench.faust_noop(topic, n)
         log(f"faust no-op: {r['noop']['eps']:,.0f} ev/s")
+        r["quix"] = bench.quix_noop(topic, n)
+        log(f"quix streams no-op: {r['quix']['eps']:,.0f} ev/s")
         r["raw"] = bench.aiokafka_raw(topic, n)
         log(f"aiokafka raw: {r['raw']['eps']:,.0f} ev/s")
         r["ort"] = bench.ort_step(product_events[: min(n, 40_000)], plan.ort_seconds)
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
         r["p1"] = bench.product(bench.names("p1", topic), n, 1, "product-1w")
         r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
+        per_event = bench.names("pe", topic) | {"INTEREST_BATCH_PATH": "false"}
+        r["p1_events"] = bench.product(per_event, n, 1, "product-1w-event-path")
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)

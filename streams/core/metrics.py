@@ -13,6 +13,7 @@
 | `interest_undecodable_batches_total{reason}` | counter | input record batches skipped undecoded (logged)    |
 | `interest_undecodable_events_total`      | counter   | offsets those skipped batches covered                |
 | `interest_batch_size`                    | histogram | events per batch                                     |
+| `interest_fetch_chunks_total`            | counter   | partition fetches handed whole to the batch pipeline |
 | `interest_ort_step_seconds`              | histogram | one ONNX Runtime step call                           |
 | `interest_redis_write_seconds`           | histogram | one batch's Redis pipeline                           |
 | `interest_latency_from_produce_seconds`  | histogram | produce time (Kafka timestamp) -> Redis written (*) |
@@ -65,6 +66,9 @@ class Metrics:
         )
         self.undecodable_events = Counter(
             "interest_undecodable_events", "Offsets covered by skipped undecodable batches", registry=r
+        )
+        self.fetch_chunks = Counter(
+            "interest_fetch_chunks", "Partition fetches the consumer handed whole to the batch pipeline", registry=r
         )
         self.batch_size = Histogram(
             "interest_batch_size",

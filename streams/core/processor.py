@@ -52,7 +52,7 @@ class Message(Protocol):
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp: float  # produce time, epoch seconds
+    timestamp: float  # produce time, epoch ms (Kafka's; aiokafka's ConsumerRecord), -1 if unknown
     headers: Any  # [(name, value), ...] or None; forwarded with re-keyed events and dead letters
 
 
@@ -368,7 +368,8 @@ class InterestProcessor:
             m.dead_letters.labels(reason).inc()
         # latency histograms: 16 to 31 evenly spaced events per batch (each observation costs the worker ~2 us)
         every = max(1, len(plan.produce_ts) // 16)
-        m.observe_latencies([done - t for t in plan.produce_ts[::every]], [done - t for t in plan.event_ts[::every]])
+        from_produce = [done - t / 1000.0 for t in plan.produce_ts[::every] if t > 0]  # Kafka's ms; -1: no timestamp
+        m.observe_latencies(from_produce, [done - t for t in plan.event_ts[::every]])
         if plan.dead or plan.duplicates or plan.rekey:
             log.info(
                 "batch: %d applied, %d duplicates, %d dead-lettered, %d re-keyed",

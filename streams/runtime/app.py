@@ -16,18 +16,21 @@ A crash anywhere before the ack leaves the batch uncommitted: it is redelivered 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 
 from streams.core.metrics import BATCH_STAGES, Metrics
-from streams.core.processor import BatchPlan, BatchStep
+from streams.core.processor import BatchPlan, BatchStep, RawMessage
 from streams.kafka import KafkaConnection
+from streams.runtime.batches import BatchApp, BatchConsumer
 from streams.settings import Settings
 
 log = logging.getLogger("streams.runtime.app")
@@ -94,31 +97,35 @@ def _stage_ended(task: asyncio.Task) -> None:
 
 
 class BatchPipeline:
-    """Faust's events -> batches -> two stages, one batch in each: step (prepare, records handed to the producer),
+    """Fetched records -> batches -> two stages, one batch in each: step (prepare, records handed to the producer),
     then write (await their delivery, Redis, ack).
 
-    Batches form naturally: the step stage takes every event that arrived while it was busy (up to ``max_batch``), so
-    batches grow under a backlog; only when it is idle does it wait, up to ``linger``, for a fuller batch. While batch n
-    is delivered and written, batch n+1 is stepped (building on n's states, see ``InterestProcessor.inflight``) and
-    Faust keeps collecting. Each stage takes its batches in order, and events are acked only once their batch is in
-    Redis, so committed offsets never pass an event that was not applied. A failure in either stage abandons the
-    worker (nothing of its batch is acked).
+    Records come in per partition, as fetched (:meth:`add_records`, the batch path: the consumer hands over whole
+    fetches) or one by one as Faust events (:meth:`add`, the per-event path). Batches form naturally: the step stage
+    takes everything that arrived while it was busy (up to ``max_batch``), so batches grow under a backlog; only when
+    it is idle does it wait, up to ``linger``, for a fuller batch. While batch n is delivered and written, batch n+1 is
+    stepped (building on n's states, see ``InterestProcessor.inflight``) and the consumer keeps fetching. Each stage
+    takes its batches in order, and records are acked only once their batch is in Redis, so committed offsets never
+    pass an event that was not applied. A failure in either stage abandons the worker (nothing of its batch is acked).
     """
 
-    def __init__(self, stream: faust.StreamT, runtime: Runtime) -> None:
-        self.stream = stream
+    def __init__(self, runtime: Runtime, ack: Callable[[dict, int, list], Awaitable[None]]) -> None:
         self.runtime = runtime
+        self.ack = ack  # (offset after the last applied record per partition, records, Faust events) -> acked
         self.max_batch = runtime.settings.max_batch
         self.linger = runtime.settings.max_latency_ms / 1000.0
-        self.pending: list[faust.EventT] = []  # collected, not yet stepped
-        self.first_at = 0.0  # loop time the oldest pending event arrived
-        self.first_seen: tuple[float, float] | None = None  # its produce and arrival times (epoch s), if known
+        self.chunks: collections.deque[tuple[Any, Sequence[Any]]] = collections.deque()  # (tp, records) not stepped
+        self.events: list[faust.EventT] = []  # the per-event path: the Faust events of those records, to ack
+        self.count = 0  # records in chunks
+        self.first_at = 0.0  # loop time the oldest pending record arrived
+        self.first_seen: float | None = None  # its arrival time (epoch s), unless it waited behind a full batch
+        self.fetch_chunks = runtime.metrics.fetch_chunks
         self.stage = {s: runtime.metrics.batch_stage_seconds.labels(s) for s in BATCH_STAGES}
-        self.arrived = asyncio.Event()  # pending is not empty
-        self.full = asyncio.Event()  # pending holds max_batch events
-        self.room = asyncio.Event()  # pending is below max_batch
+        self.arrived = asyncio.Event()  # chunks is not empty
+        self.full = asyncio.Event()  # chunks hold max_batch records
+        self.room = asyncio.Event()  # chunks hold fewer than max_batch records
         self.room.set()
-        self.to_write: asyncio.Queue[tuple[list, BatchPlan, float]] = asyncio.Queue(maxsize=1)  # + when stepped
+        self.to_write: asyncio.Queue[tuple[list, list, BatchPlan, float]] = asyncio.Queue(maxsize=1)
         self.busy = 0  # batches taken and not yet written
         self.idle = asyncio.Event()
         self.idle.set()
@@ -126,37 +133,63 @@ class BatchPipeline:
         for task in self.tasks:
             task.add_done_callback(_stage_ended)
 
-    async def add(self, event: faust.EventT) -> None:
-        """Collect one event; waits while max_batch events are already waiting for the step stage."""
-        pending = self.pending
-        pending.append(event)
-        if len(pending) == 1:
+    def add_records(self, tp: Any, records: Sequence[Any]) -> None:
+        """The batch path: take one partition's fetched records (aiokafka's ``ConsumerRecord``s); the consumer waits
+        for ``room`` first."""
+        if records:
+            self.fetch_chunks.inc()
+            self._append(tp, records)
+
+    def _append(self, tp: Any, records: Sequence[Any]) -> None:
+        if not self.count:
             self.first_at = asyncio.get_running_loop().time()
-            self.first_seen = (event.message.timestamp, time.time())
+            self.first_seen = time.time()
             self.arrived.set()
             self.idle.clear()
-        if len(pending) >= self.max_batch:
+        self.chunks.append((tp, records))
+        self.count += len(records)
+        if self.count >= self.max_batch:
             self.full.set()
             self.room.clear()
+
+    async def add(self, event: faust.EventT) -> None:
+        """The per-event path: collect one Faust event; waits while max_batch records are already waiting."""
+        m = event.message
+        ts = m.timestamp * 1000.0 if m.timestamp is not None and m.timestamp > 0 else -1.0  # Faust's are in seconds
+        self.events.append(event)
+        self._append(m.tp, [RawMessage(m.topic, m.partition, m.offset, m.key, m.value, ts, m.headers)])
+        if not self.room.is_set():
             await self.room.wait()
 
-    def _take(self) -> list:
-        events = self.pending[: self.max_batch]
-        del self.pending[: self.max_batch]
-        taken = time.time()
+    def _take(self) -> tuple[list, list]:
+        """Up to max_batch records, oldest first, as (tp, records) chunks (the last one cut to fit)."""
+        taken: list[tuple[Any, Sequence[Any]]] = []
+        n, chunks = 0, self.chunks
+        while chunks and n < self.max_batch:
+            tp, records = chunks.popleft()
+            room = self.max_batch - n
+            if len(records) > room:
+                chunks.appendleft((tp, records[room:]))
+                records = records[:room]
+            taken.append((tp, records))
+            n += len(records)
+        events = self.events[:n] if self.events else []
+        if events:
+            del self.events[:n]
         if self.first_seen is not None:
-            produced, seen = self.first_seen
+            produced = taken[0][1][0].timestamp / 1000.0
             if produced > 0:  # a record without a timestamp has -1
-                self.stage["consume"].observe(max(0.0, seen - produced))
-            self.stage["collect"].observe(taken - seen)
-        self.first_seen = None  # the next batch's first event, if already waiting, arrived behind this one
-        if not self.pending:
+                self.stage["consume"].observe(max(0.0, self.first_seen - produced))
+            self.stage["collect"].observe(time.time() - self.first_seen)
+        self.first_seen = None  # the next batch's first record, if already waiting, arrived behind this one
+        self.count -= n
+        if not self.count:
             self.arrived.clear()
-        if len(self.pending) < self.max_batch:
+        if self.count < self.max_batch:
             self.full.clear()
             self.room.set()
         self.busy += 1
-        return events
+        return taken, events
 
     async def _step(self) -> None:
         processor, metrics, producer = self.runtime.processor, self.runtime.metrics, self.runtime.producer
@@ -167,9 +200,9 @@ class BatchPipeline:
             if wait > 0 and not self.full.is_set():  # a fuller batch is worth a short wait
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.full.wait(), wait)
-            events = self._take()
+            chunks, events = self._take()
             try:
-                messages = [e.message for e in events]
+                messages = chunks[0][1] if len(chunks) == 1 else [r for _, records in chunks for r in records]
                 metrics.events_in.inc(len(messages))
                 metrics.batch_size.observe(len(messages))
                 taken = time.perf_counter()
@@ -180,28 +213,31 @@ class BatchPipeline:
             except Exception as exc:  # a bug: never ack what was not applied
                 log.exception("batch failed")
                 abandon(f"batch failed: {exc!r}")
-            await self.to_write.put((events, plan, stepped))
+            await self.to_write.put((chunks, events, plan, stepped))
 
     async def _write(self) -> None:
         processor, producer, applied_to = self.runtime.processor, self.runtime.producer, self.runtime.applied_to
-        ack = self.stream.ack
         while True:
-            events, plan, stepped = await self.to_write.get()
+            chunks, events, plan, stepped = await self.to_write.get()
             try:
                 await processor.finish(plan, producer())
                 self.stage["write"].observe(time.perf_counter() - stepped)
-                for event in events:
-                    await ack(event)
-                    applied_to[event.message.tp] = event.message.offset + 1
+                offsets = {tp: records[-1].offset + 1 for tp, records in chunks}  # chunks of a tp come in order
+                await self.ack(offsets, sum(len(records) for _, records in chunks), events)
+                applied_to.update(offsets)
             except Exception as exc:  # an unrecoverable broker or Redis error: never ack what was not applied
                 log.exception("batch failed")
                 abandon(f"batch failed: {exc!r}")
             self.busy -= 1
-            if not self.busy and not self.pending:
+            if not self.busy and not self.count:
                 self.idle.set()
 
+    async def wait_idle(self) -> None:
+        """Until every record handed over is applied and acked (a rebalance or a stop waits for this)."""
+        await self.idle.wait()
+
     async def drain(self, timeout: float) -> None:
-        """Finish every collected event (graceful stop); abandon the worker if that takes longer than ``timeout``."""
+        """Finish every collected record (graceful stop); abandon the worker if that takes longer than ``timeout``."""
         try:
             await asyncio.wait_for(self.idle.wait(), timeout)
         except BaseException as exc:
@@ -212,7 +248,12 @@ class BatchPipeline:
 
 def make_app(settings: Settings, processor: BatchStep, metrics: Metrics) -> faust.App:
     """The worker's Faust app around its batch step (model session + state store, here or in the step process)."""
-    app = faust.App(settings.app_id, **faust_options(settings))
+    topics = frozenset({settings.input_topic, settings.rekey_topic})
+    app: faust.App
+    if settings.batch_path:
+        app = BatchApp(settings.app_id, batch_topics=topics, **faust_options(settings))
+    else:
+        app = faust.App(settings.app_id, **faust_options(settings))
     rt = Runtime(settings, processor, metrics, app)
     # Input: the clicks topic and the re-key topic, consumed by one agent, hence co-partitioned by Faust's assignor.
     clicks = app.topic(settings.input_topic, settings.rekey_topic, key_serializer="raw", value_serializer="raw")
@@ -220,13 +261,32 @@ def make_app(settings: Settings, processor: BatchStep, metrics: Metrics) -> faus
     @app.agent(clicks, name="streams.runtime.app.update_interests")
     async def update_interests(stream: faust.StreamT) -> None:
         """Step batches of click events into the users' states and publish their new distributions."""
-        pipeline = BatchPipeline(stream, rt)
+        if settings.batch_path:
+            consumer = app.consumer
+            assert isinstance(consumer, BatchConsumer)
+
+            async def ack_batch(offsets: dict, count: int, events: list) -> None:
+                consumer.ack_batch(offsets, count)
+
+            pipeline = BatchPipeline(rt, ack_batch)
+            consumer.attach(pipeline)  # the consumer hands its fetches to the pipeline: the stream stays empty
+        else:
+            ack = stream.ack
+
+            async def ack_events(offsets: dict, count: int, events: list) -> None:
+                for event in events:
+                    await ack(event)
+
+            pipeline = BatchPipeline(rt, ack_events)
         try:
-            # no automatic acks (Faust's would ack each event when the next arrives): the pipeline acks each event
-            # once its batch is applied
-            stream.enable_acks = False
-            async for event in stream.events():
-                await pipeline.add(event)
+            if settings.batch_path:
+                await asyncio.Event().wait()  # until the worker stops
+            else:
+                # no automatic acks (Faust's would ack each event when the next arrives): the pipeline acks each
+                # event once its batch is applied
+                stream.enable_acks = False
+                async for event in stream.events():
+                    await pipeline.add(event)
         except asyncio.CancelledError:
             # graceful stop: finish what was collected before the consumer commits, or abandon it unacked
             await asyncio.shield(pipeline.drain(settings.session_timeout_s))
@@ -241,6 +301,8 @@ def make_app(settings: Settings, processor: BatchStep, metrics: Metrics) -> faus
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # Faust passes ``signal`` in **kwargs
     async def drop_cached_states(sender: faust.App, revoked: set, **kwargs: object) -> None:
         """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""
+        if isinstance(app.consumer, BatchConsumer):
+            app.consumer.forget(revoked)
         for tp in revoked:
             rt.applied_to.pop(tp, None)
             with contextlib.suppress(KeyError):

@@ -18,11 +18,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 NUMBERS = (
     "faust_noop_eps",
+    "quix_noop_eps",
     "aiokafka_raw_eps",
     "ort_step_eps",
     "redis_pipeline_eps",
     "product_eps_1w",
     "product_eps_2w",
+    "product_eps_1w_event_path",
     "naive_eps",
     "users_1k_eps",
     "users_1m_eps",
@@ -30,9 +32,10 @@ NUMBERS = (
     "redis_bytes_per_user",
     "latency_offered_eps",
     "worker_events_per_cpu_s",
+    "worker_events_per_cpu_s_event_path",
 )
 QUANTILES = ("latency_ms", "latency_output_ms", "latency_transport_ms", "latency_faust_ms")
-RATIOS = ("product_vs_noop", "product_vs_naive", "users_1m_vs_1k")
+RATIOS = ("product_vs_noop", "product_vs_quix", "batch_vs_event_path", "product_vs_naive", "users_1m_vs_1k")
 
 
 def _positive(value: object) -> bool:

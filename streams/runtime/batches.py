@@ -1,0 +1,141 @@
+"""The batch path: Faust's consumer hands whole fetches of the worker's topics to the batch pipeline.
+
+Faust delivers a fetch one message at a time: a ``ConsumerMessage`` per record, the conductor's callback, an
+``Event``, a channel queue put and get, the stream's iterator and its per-message ack bookkeeping. That costs tens of
+microseconds per event, which caps a Faust agent far below what aiokafka fetches and what the worker steps. Here the
+app keeps everything of Faust that matters to a consumer group (its worker and services, the subscription its agent
+declares, its assignor that co-partitions the input and re-key topics, its rebalance protocol, its offset commits)
+and changes one step: :meth:`BatchConsumer.getmany`, which Faust's fetch loop calls for each fetch, gives the records
+of the batch topics, per partition and as aiokafka returned them, to a :class:`RecordSink` instead of yielding them
+as messages. Other topics (none in the worker) still go Faust's way.
+
+Offsets are acked per batch: :meth:`BatchConsumer.ack_batch` records the offset after a partition's last applied
+record, and Faust's own commit (its timer, a rebalance, the stop) commits it. During a rebalance or a stop, Faust
+waits for its streams to be empty before it commits (``Consumer.wait_empty``): here that also waits until the sink
+has finished every batch it was handed, so nothing handed over is committed unapplied or lost.
+
+What it hooks into (``Consumer.getmany``, ``_wait_next_records``, ``_new_offset``, ``wait_empty``, the aiokafka
+driver's ``Transport.Consumer``, ``App._new_transport``) is pinned with faust-streaming's version in pyproject.toml;
+``tests/streams/runtime/test_batches.py`` fails if an upgrade moves any of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from mode.utils.futures import notify
+
+
+class RecordSink(Protocol):
+    """Where the consumer hands fetched records: the worker's batch pipeline."""
+
+    room: Any  # an asyncio.Event, set while the sink takes more records
+
+    def add_records(self, tp: TP, records: Sequence[Any]) -> None:
+        """Take one partition's fetched records (aiokafka ``ConsumerRecord``s, in offset order)."""
+
+    async def wait_idle(self) -> None:
+        """Return once every record handed over is applied and acked (or the worker is abandoned)."""
+
+
+class BatchConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer; the records of ``batch_topics`` go to a sink per fetch and are acked per batch."""
+
+    sink: RecordSink | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_topics: frozenset[str] = getattr(self.app, "batch_topics", frozenset())
+        self._batch_next: dict[TP, int] = {}  # per partition: the offset after its last applied record, to commit
+        self._attached = asyncio.Event()
+
+    def attach(self, sink: RecordSink) -> None:
+        """The agent's pipeline is there: records of the batch topics go to it from now on."""
+        self.sink = sink
+        self._attached.set()
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        if not self.batch_topics:
+            async for item in super().getmany(timeout):
+                yield item
+            return
+        if self.sink is None:  # the agent has not started yet: nothing is fetched before it can take it
+            await self.wait_first(self._attached.wait(), self.suspend_flow.wait())
+            return
+        records, active = await self._wait_next_records(timeout)
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:  # a rebalance started meanwhile: as Faust, drop the fetch and seek back
+            await self.perform_seek()
+            return
+        generation = self.app.consumer_generation_id
+        sink, batch_topics, buffered = self.sink, self.batch_topics, self._buffered_partitions
+        assert sink is not None
+        others = {}
+        for tp, recs in records.items():
+            if active is not None and tp not in active and tp not in buffered:
+                continue
+            if tp.topic not in batch_topics:
+                others[tp] = recs
+                continue
+            if not sink.room.is_set():  # back-pressure: fetching waits while the pipeline is full
+                await self.wait_first(sink.room.wait(), self.suspend_flow.wait())
+            # a rebalance while waiting: these records may belong to another worker now; Faust seeks back to the
+            # committed offsets before the next fetch of the partitions it keeps
+            if not self.flow_active or self.app.consumer_generation_id != generation or self.should_stop:
+                return
+            sink.add_records(tp, recs)
+        if others:
+            to_message = self._to_message
+            for tp, record in self.scheduler.iterate(others):
+                if not self.flow_active or self.app.consumer_generation_id != generation:
+                    return
+                yield tp, to_message(tp, record)
+
+    def ack_batch(self, offsets: Mapping[TP, int], count: int) -> None:
+        """A batch is applied: per partition, ``offsets`` is the offset after its last record in the batch."""
+        batch_next, acked, committed = self._batch_next, self._acked, self._committed_offset
+        for tp, offset in offsets.items():
+            done = committed.get(tp)
+            if done is None or offset > done:
+                acked[tp]
+                if offset > batch_next.get(tp, -1):
+                    batch_next[tp] = offset
+        self._n_acked += count
+        notify(self._waiting_for_ack)
+
+    def forget(self, revoked: set[TP]) -> None:
+        """Partitions revoked: their acks are no longer ours to commit."""
+        for tp in revoked:
+            self._batch_next.pop(tp, None)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        offset = self._batch_next.pop(tp, None)
+        return offset if offset is not None else super()._new_offset(tp)
+
+    async def wait_empty(self) -> None:
+        """Faust waits for this before it commits in a rebalance and at a stop: the sink's batches too."""
+        if self.sink is not None:
+            await self.sink.wait_idle()
+        await super().wait_empty()
+
+
+class BatchTransport(faust_aiokafka.Transport):
+    Consumer = BatchConsumer
+
+
+class BatchApp(faust.App):
+    """A Faust app whose consumer is a :class:`BatchConsumer` (same broker URL, credentials and settings) that hands
+    the records of ``batch_topics`` to the sink its agent attaches."""
+
+    def __init__(self, *args: Any, batch_topics: frozenset[str], **kwargs: Any) -> None:
+        self.batch_topics = batch_topics
+        super().__init__(*args, **kwargs)
+
+    def _new_transport(self) -> Any:
+        return BatchTransport(self.conf.broker_consumer, self)
