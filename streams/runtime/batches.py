@@ -118,6 +118,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
         offset = self._batch_next.pop(tp, None)
         return offset if offset is not None else super()._new_offset(tp)
 
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        """Before Faust forgets the revoked partitions' offsets, finish what the sink was handed and commit it: the
+        new owner then starts where this worker stopped instead of applying the handed-over batches again (they
+        would be skipped as duplicates, but only after being read and decoded a second time)."""
+        if self.sink is not None and revoked and not self.should_stop:
+            self.stop_flow()  # no more fetches go to the sink until the new assignment (Faust resumes the flow)
+            await self.sink.wait_idle()
+            await self.commit()
+        await super().on_partitions_revoked(revoked)
+
     async def wait_empty(self) -> None:
         """Faust waits for this before it commits in a rebalance and at a stop: the sink's batches too."""
         if self.sink is not None:
