@@ -131,8 +131,9 @@ def raw_messages(settings, events: Iterable[dict], start: int = 0, partition: in
     from streams.core.processor import RawMessage, default_partition
 
     out = []
+    now_ms = time.time() * 1000.0  # a produce time, as Kafka stamps it
     for i, ev in enumerate(events):
         key = str(ev["user_id"]).encode()
         p = default_partition(key, 4) if partition is None else partition
-        out.append(RawMessage(settings.input_topic, p, start + i, key, orjson.dumps(ev), 0.0))
+        out.append(RawMessage(settings.input_topic, p, start + i, key, orjson.dumps(ev), now_ms))
     return out

@@ -26,7 +26,8 @@
 (*) sampled: 16 to 31 evenly spaced events of each batch (all of a smaller one).
 (**) one observation per batch and stage, timed in the agent's process: ``consume`` the batch's first event from
 produce (Kafka timestamp) to the agent, ``collect`` from then until the step stage takes the batch (the linger, or
-the previous batch's step), ``step`` until it is stepped and its records are with the producer, ``write`` until its
+the previous batch's step), ``step`` until it is stepped and its records are with the producer (with the step
+process: until that process has decoded it; it steps the batch while the worker takes the next), ``write`` until its
 records are delivered and its states are in Redis. ``consume`` and ``collect`` are left out for a batch whose first
 event arrived behind a full one (a backlog, where arrival times are not latency).
 """

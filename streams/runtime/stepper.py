@@ -14,8 +14,9 @@ acks. Same code and guarantees, two interpreters.
 Frames: a 4-byte big-endian length, then a pickled tuple (both ends are this module).
     worker -> child   ("start", settings, {topic: partitions}), first
                       ("prepare", id, rows)    rows: [(topic, partition, offset, key, value, timestamp, headers), ...];
-                                               step them and hand their records to the child's producer, then
-                                               (in batch order) await their delivery and write the batch to Redis
+                                               decode and route them (then "prepared"), step them and hand their
+                                               records to the child's producer, then (in batch order) await their
+                                               delivery and write the batch to Redis (then "finished")
                       ("drop",)                partitions were revoked: forget the cached states
     child -> worker   ("ready", info) or ("failed", error class, message), once at start
                       ("prepared", id, None)   ("finished", id, None)
@@ -174,9 +175,10 @@ class StepperProcess:
         return fut
 
     async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
-        """Have the child decode, de-duplicate and step the batch and hand its records to its producer (then finish
-        it on its own: see :meth:`finish`); returns a handle for :meth:`finish`. ``producer`` is not used: it is the
-        in-process processor's."""
+        """Hand the batch to the child, which decodes it, then steps it (after the batches before it) and hands its
+        records to its producer, then finishes it on its own (see :meth:`finish`). Returns once the child has decoded
+        the batch, so the next one can be sent while this one is stepped; the handle is for :meth:`finish`.
+        ``producer`` is not used: it is the in-process processor's."""
         if self._failed:
             raise ServiceError(self._failed)
         if self._writer is None:
@@ -320,19 +322,28 @@ async def serve(sock: socket.socket) -> int:
     send(("ready", processor.info))
     quiet_gc()  # as the worker does: start-up's objects stay out of full collections
 
-    to_prepare: asyncio.Queue[tuple[int, list]] = asyncio.Queue()
+    to_route: asyncio.Queue[tuple[int, list]] = asyncio.Queue()
+    to_prepare: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()
     to_finish: asyncio.Queue[tuple[int, BatchPlan]] = asyncio.Queue()
     failed = asyncio.Event()
 
+    async def routing() -> None:
+        """Decode and route each batch as it comes, while the one before it is stepped (ONNX Runtime releases the
+        GIL), and tell the worker it has the batch: the worker then sends the next one."""
+        while True:
+            batch_id, rows = await to_route.get()
+            routed = processor.route([RawMessage(*row) for row in rows])
+            send(("prepared", batch_id, None))
+            to_prepare.put_nowait((batch_id, routed))
+            await writer.drain()
+
     async def preparing() -> None:
         while True:
-            batch_id, rows = await to_prepare.get()
+            batch_id, (plan, accepted) = await to_prepare.get()
             # the records go to the producer at once: their delivery overlaps the previous batch's Redis write
-            plan = await processor.prepare([RawMessage(*row) for row in rows], producer)
+            plan = await processor.prepare_routed(plan, accepted, producer)
             relay.flush()
-            send(("prepared", batch_id, None))
             to_finish.put_nowait((batch_id, plan))  # the worker always finishes what it prepared: no need to wait
-            await writer.drain()
 
     async def finishing() -> None:
         while True:
@@ -349,10 +360,10 @@ async def serve(sock: socket.socket) -> int:
             send(("error", repr(exc)))
             failed.set()
 
-    tasks = [asyncio.ensure_future(preparing()), asyncio.ensure_future(finishing())]
+    tasks = [asyncio.ensure_future(t()) for t in (routing, preparing, finishing)]
     for task in tasks:
         task.add_done_callback(check)
-    reading = asyncio.ensure_future(_serve_frames(reader, processor, to_prepare))
+    reading = asyncio.ensure_future(_serve_frames(reader, processor, to_route))
     await asyncio.wait([reading, asyncio.ensure_future(failed.wait())], return_when=asyncio.FIRST_COMPLETED)
     for task in [*tasks, reading]:
         task.cancel()
@@ -364,7 +375,7 @@ async def serve(sock: socket.socket) -> int:
     return 70 if failed.is_set() else 0
 
 
-async def _serve_frames(reader: asyncio.StreamReader, processor, to_prepare: asyncio.Queue) -> None:
+async def _serve_frames(reader: asyncio.StreamReader, processor, to_route: asyncio.Queue) -> None:
     """Route the worker's frames until it closes the socket."""
     while True:
         try:
@@ -373,7 +384,7 @@ async def _serve_frames(reader: asyncio.StreamReader, processor, to_prepare: asy
             return  # the worker is done (or gone)
         kind = frame[0]
         if kind == "prepare":
-            to_prepare.put_nowait((frame[1], frame[2]))
+            to_route.put_nowait((frame[1], frame[2]))
         elif kind == "drop":
             processor.drop_cache()
 
