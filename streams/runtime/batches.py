@@ -22,6 +22,7 @@ driver's ``Transport.Consumer``, ``App._new_transport``) is pinned with faust-st
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -29,6 +30,10 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import notify
+
+log = logging.getLogger(__name__)
+
+REVOKE_COMMIT_TIMEOUT_S = 5.0
 
 
 class RecordSink(Protocol):
@@ -125,7 +130,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if self.sink is not None and revoked and not self.should_stop:
             self.stop_flow()  # no more fetches go to the sink until the new assignment (Faust resumes the flow)
             await self.sink.wait_idle()
-            await self.commit()
+            # bounded: after a lost session (the broker went away) the coordinator may not take a commit until the
+            # group is joined again, which waits for this callback; the new owner then skips what it finds applied
+            try:
+                await asyncio.wait_for(self.commit(), REVOKE_COMMIT_TIMEOUT_S)
+            except Exception as exc:
+                log.warning(
+                    "commit before giving up partitions did not complete (%r); their new owner skips "
+                    "the events this worker applied as duplicates",
+                    exc,
+                )
         await super().on_partitions_revoked(revoked)
 
     async def wait_empty(self) -> None:
