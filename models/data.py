@@ -84,22 +84,32 @@ def _records(reader) -> Iterator[tuple[int, list[str]]]:
         start = reader.line_num + 1
 
 
-def parse_ts(value: str, path: Path, line: int) -> float:
-    """Epoch seconds (int or float) or ISO 8601 (naive times are UTC) -> float epoch seconds."""
-    s = value.strip()
+def epoch_seconds(text: str) -> float:
+    """The one reading of a timestamp string (data files and the worker's events alike): epoch seconds (int or
+    float) or ISO 8601 (``Z`` or an offset; naive times are UTC, never the local zone). ValueError otherwise, or if
+    it is not finite."""
+    s = text.strip()
     try:
         ts = float(s)
     except ValueError:
         try:
             dt = datetime.fromisoformat(s)
         except ValueError:
-            raise _err(path, line, f"bad timestamp {value!r} (want epoch seconds or ISO 8601)") from None
+            raise ValueError("want epoch seconds or ISO 8601") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
         ts = dt.timestamp()
     if not math.isfinite(ts):
-        raise _err(path, line, f"bad timestamp {value!r} (not finite)")
+        raise ValueError("not finite")
     return ts
+
+
+def parse_ts(value: str, path: Path, line: int) -> float:
+    """:func:`epoch_seconds`, with the file and line in the error."""
+    try:
+        return epoch_seconds(value)
+    except ValueError as exc:
+        raise _err(path, line, f"bad timestamp {value!r} ({exc})") from None
 
 
 def _finish(name: str, events: list[Event], catalog: dict[str, list[str]], extra: dict) -> Dataset:

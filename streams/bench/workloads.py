@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import time
 from collections.abc import Iterable, Iterator
 
 
 def looped_events(ds, limit: int | None = None, loops: int = 1) -> Iterator[dict[str, object]]:
-    """``wire_events(ds, limit, loops)`` with the per-loop ids ``<user>~<loop>`` spelled ``<user>_<loop>``.
-
-    The worker's validator (``streams.core.events.USER_ID_RE``) rejects ``~``, so replay's looped ids are dead-lettered.
-    """
+    """``wire_events(ds, limit, loops)``: replay's events, user ids ``<user>@<loop>`` distinct per loop."""
     from streams.tools.replay import wire_events
 
-    for ev in wire_events(ds, limit, loops):
-        ev["user_id"] = str(ev["user_id"]).replace("~", "_")
-        yield ev
+    return wire_events(ds, limit, loops)
 
 
 def scale_events(ds, total: int, users: int) -> Iterator[dict[str, object]]:
     """The real ML-100K stream (looped, event ids distinct per loop) with each event's user id hashed into ``users``."""
     loops = -(-total // len(ds.events))
+    from streams.tools.replay import synthetic_id
+
     for i, ev in enumerate(itertools.islice(looped_events(ds, loops=loops), total)):
-        digest = hashlib.blake2b(f"{ev['user_id']}#{i}".encode(), digest_size=8).digest()
-        ev["user_id"] = f"s{int.from_bytes(digest, 'little') % users}"
+        ev["user_id"] = synthetic_id(f"{ev['user_id']}#{i}", users)
         yield ev
 
 

@@ -13,14 +13,14 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
+
+from models.data import epoch_seconds
 
 # the fields of the wire format (streams.runtime.records.ClickEvent documents each; a test keeps the two equal)
 ALLOWED_FIELDS = frozenset({"user_id", "ts", "item_id", "category", "categories", "action", "event_id"})
 USER_ID_RE = re.compile(r"[A-Za-z0-9._@-]+")
-_ISO_Z = re.compile(r"Z$")
 
 
 class Rejected(Exception):
@@ -63,16 +63,9 @@ def parse_ts(value: object) -> float:
         ts = float(value)
     elif isinstance(value, str) and 0 < len(value) <= 64:
         try:
-            dt = datetime.fromisoformat(_ISO_Z.sub("+00:00", value.strip()))
-        except ValueError:
-            try:
-                ts = float(value)
-            except ValueError:
-                raise Rejected("bad_ts", f"ts {value[:40]!r} is neither epoch seconds nor ISO 8601") from None
-        else:
-            if dt.tzinfo is None:  # naive times are UTC, never the worker's local zone
-                dt = dt.replace(tzinfo=UTC)
-            ts = dt.timestamp()
+            ts = epoch_seconds(value)  # the data files' reading of a timestamp, so training and serving agree
+        except ValueError as exc:
+            raise Rejected("bad_ts", f"ts {value[:40]!r}: {exc}") from None
     else:
         raise Rejected("bad_ts", f"ts must be a number or an ISO 8601 string, got {type(value).__name__}")
     if not math.isfinite(ts):

@@ -34,9 +34,10 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, help="map users onto N synthetic ids (scale tests)")
 
 
-def synthetic_id(user_id: str, loop: int, space: int) -> str:
-    """A stable id in ``s0 .. s<space-1>`` for (user, loop)."""
-    digest = hashlib.blake2b(f"{user_id}~{loop}".encode(), digest_size=8).digest()
+def synthetic_id(key: str, space: int) -> str:
+    """A stable synthetic user id in ``s0 .. s<space-1>`` for ``key`` (replay: user and loop; the bench: user and
+    event), the one place that spells them."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return f"s{int.from_bytes(digest, 'little') % space}"
 
 
@@ -53,7 +54,7 @@ def wire_events(
     for loop in range(loops):
         for e in events:
             if users:
-                uid = synthetic_id(e.user_id, loop, users)
+                uid = synthetic_id(f"{e.user_id}~{loop}", users)
             else:
                 uid = e.user_id if loops == 1 else f"{e.user_id}@{loop}"
             event: dict[str, object] = {"user_id": uid, "item_id": e.item_id, "ts": e.ts}
