@@ -297,6 +297,7 @@ async def backfill(settings: Settings, session, partitions: str | None, progress
         decode, add = decoder.decode, builder.add
         sends: list = []
         input_topic = vs.input_topic
+        homes: dict[bytes, int] = {}  # key -> its murmur2 partition (aiokafka's murmur2 is pure Python: ~5 us)
 
         def on_input(msg) -> None:
             try:
@@ -305,7 +306,10 @@ async def backfill(settings: Settings, session, partitions: str | None, progress
                 report.dead[rej.reason] += 1
                 return
             key = click.user_id.encode()
-            if msg.key != key or default_partition(key, n_part) != msg.partition:  # the worker would re-key it
+            home = homes.get(key)
+            if home is None:
+                home = homes[key] = default_partition(key, n_part)
+            if msg.key != key or home != msg.partition:  # the worker would re-key it
                 if (msg.partition, msg.offset) in forwarded:
                     return
                 headers = [
@@ -322,7 +326,7 @@ async def backfill(settings: Settings, session, partitions: str | None, progress
         def counted(msg) -> None:
             on_input(msg)
             report.read += 1
-            if report.read % 10_000 == 0:
+            if not report.read % 10_000:
                 bar.update(10_000)
 
         await _read(consumer, {(tp.topic, tp.partition): e for tp, e in in_ends.items()}, counted)

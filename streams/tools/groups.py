@@ -3,6 +3,7 @@ offsets, its lag, and the backfill's hand-off commit (the group must have no mem
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -14,6 +15,20 @@ from streams.kafka import admin, client_config
 from streams.settings import Settings
 
 TP = tuple[str, int]  # (topic, partition)
+RETRY_S = 30.0  # how long a retriable error (no group coordinator yet, a leader moving) is retried
+
+
+def _retrying(what: str, op):
+    """``op()``, retried while Kafka answers with a retriable error (a fresh broker has no group coordinator until
+    its offsets topic exists); ServiceError naming ``what`` otherwise or after RETRY_S."""
+    deadline = time.monotonic() + RETRY_S
+    while True:
+        try:
+            return op()
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
+                raise ServiceError(f"cannot {what}: {type(exc).__name__}: {exc}") from None
+            time.sleep(0.5)
 
 
 def partitions_of(settings: Settings, topics: Iterable[str]) -> list[TP]:
@@ -35,9 +50,7 @@ def end_offsets(settings: Settings, tps: Iterable[TP]) -> dict[TP, int]:
         return {}
     consumer = KafkaConsumer(**client_config(settings))
     try:
-        ends = consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
-    except KafkaError as exc:
-        raise ServiceError(f"cannot read end offsets from Kafka: {type(exc).__name__}: {exc}") from None
+        ends = _retrying("read end offsets", lambda: consumer.end_offsets([TopicPartition(t, p) for t, p in tps]))
     finally:
         consumer.close()
     return {(tp.topic, tp.partition): off for tp, off in ends.items()}
@@ -48,9 +61,8 @@ def committed(settings: Settings, group: str, tps: Iterable[TP]) -> dict[TP, int
     tps = list(tps)
     client: KafkaAdminClient = admin(settings)
     try:
-        got = client.list_group_offsets({group: [TopicPartition(t, p) for t, p in tps]})[group]
-    except KafkaError as exc:
-        raise ServiceError(f"cannot read group {group}'s offsets: {type(exc).__name__}: {exc}") from None
+        spec = {group: [TopicPartition(t, p) for t, p in tps]}
+        got = _retrying(f"read group {group}'s offsets", lambda: client.list_group_offsets(spec))[group]
     finally:
         client.close()
     return {(tp.topic, tp.partition): meta.offset for tp, meta in got.items() if meta.offset >= 0}
@@ -60,9 +72,7 @@ def members(settings: Settings, group: str) -> int:
     """How many consumers are members of ``group`` now (0 for an empty or unknown group)."""
     client = admin(settings)
     try:
-        desc = client.describe_groups([group])
-    except KafkaError as exc:
-        raise ServiceError(f"cannot describe group {group}: {type(exc).__name__}: {exc}") from None
+        desc = _retrying(f"describe group {group}", lambda: client.describe_groups([group]))
     finally:
         client.close()
     return len((desc.get(group) or {}).get("members") or ())  # {group: {"members": [...], "group_state": ...}}
@@ -72,11 +82,8 @@ def commit(settings: Settings, group: str, offsets: dict[TP, int]) -> None:
     """Commit ``offsets`` (next offset to read) for ``group``, which must have no members; ServiceError otherwise."""
     client = admin(settings)
     try:
-        result = client.alter_group_offsets(
-            group, {TopicPartition(t, p): OffsetAndMetadata(off, "backfill", None) for (t, p), off in offsets.items()}
-        )
-    except KafkaError as exc:
-        raise ServiceError(f"cannot commit group {group}'s offsets: {type(exc).__name__}: {exc}") from None
+        want = {TopicPartition(t, p): OffsetAndMetadata(off, "backfill", None) for (t, p), off in offsets.items()}
+        result = _retrying(f"commit group {group}'s offsets", lambda: client.alter_group_offsets(group, want))
     finally:
         client.close()
     failed = {f"{tp.topic}:{tp.partition}": err.__name__ for tp, err in result.items() if err.errno != 0}
@@ -93,7 +100,7 @@ def delete_group(settings: Settings, group: str) -> bool:
         return False
     finally:
         client.close()
-    return all(getattr(err, "errno", 1) == 0 for _g, err in (result.items() if isinstance(result, dict) else result))
+    return result.get(group) == "OK"  # {group: "OK" or the error's name}
 
 
 def lag(settings: Settings, group: str, topics: Iterable[str]) -> int:
