@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from models.errors import ServiceError
 from streams.core.events import Rejected
 from streams.core.processor import decoder_for
 from streams.core.state import fingerprint_in
@@ -33,6 +34,7 @@ async def dump(settings: Settings, session, out: Path) -> Counter:
 
     from streams.kafka import KafkaConnection
     from streams.tools.backfill import _read
+    from streams.tools.groups import partitions_of
 
     catalog_path = settings.catalog_path or session.path.with_name("catalog.csv")
     catalog = session.load_catalog(settings.catalog_path)
@@ -44,10 +46,10 @@ async def dump(settings: Settings, session, out: Path) -> Counter:
     consumer = AIOKafkaConsumer(**KafkaConnection.from_settings(settings).aiokafka(), enable_auto_commit=False)
     await consumer.start()
     try:
-        tps = [
-            TopicPartition(settings.input_topic, p)
-            for p in sorted(consumer.partitions_for_topic(settings.input_topic) or ())
-        ]
+        numbers = partitions_of(settings, [settings.input_topic])
+        if not numbers:
+            raise ServiceError(f"topic {settings.input_topic} not found in Kafka")
+        tps = [TopicPartition(t, p) for t, p in numbers]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)

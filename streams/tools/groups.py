@@ -43,14 +43,15 @@ def partitions_of(settings: Settings, topics: Iterable[str]) -> list[TP]:
         consumer.close()
 
 
-def end_offsets(settings: Settings, tps: Iterable[TP]) -> dict[TP, int]:
-    """The high watermark (next offset to be written) of each partition."""
+def end_offsets(settings: Settings, tps: Iterable[TP], beginning: bool = False) -> dict[TP, int]:
+    """The high watermark (next offset to be written) of each partition, or with ``beginning`` its first offset."""
     tps = list(tps)
     if not tps:
         return {}
     consumer = KafkaConsumer(**client_config(settings))
+    get = consumer.beginning_offsets if beginning else consumer.end_offsets
     try:
-        ends = _retrying("read end offsets", lambda: consumer.end_offsets([TopicPartition(t, p) for t, p in tps]))
+        ends = _retrying("read offsets", lambda: get([TopicPartition(t, p) for t, p in tps]))
     finally:
         consumer.close()
     return {(tp.topic, tp.partition): off for tp, off in ends.items()}
@@ -104,8 +105,11 @@ def delete_group(settings: Settings, group: str) -> bool:
 
 
 def lag(settings: Settings, group: str, topics: Iterable[str]) -> int:
-    """Records of ``topics`` that ``group`` has not committed past (a partition without a commit counts whole)."""
+    """Records of ``topics`` that ``group`` has not committed past (a partition without a commit counts from its
+    first retained record)."""
     tps = partitions_of(settings, topics)
     ends = end_offsets(settings, tps)
     done = committed(settings, group, tps)
-    return sum(max(0, end - done.get(tp, 0)) for tp, end in ends.items())
+    if len(done) < len(ends):
+        done = end_offsets(settings, [tp for tp in ends if tp not in done], beginning=True) | done
+    return sum(max(0, end - done[tp]) for tp, end in ends.items())

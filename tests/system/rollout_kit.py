@@ -72,7 +72,9 @@ class MixedFeeder(threading.Thread):
 
         from streams.kafka import KafkaConnection
 
-        base = {**KafkaConnection((self.bootstrap,)).librdkafka(), "acks": "all", "linger.ms": 5}
+        # idempotent: without it a retried request may reorder a partition's records, and the oracle replays each
+        # user's events in produce order
+        base = {**KafkaConnection((self.bootstrap,)).librdkafka(), "enable.idempotence": True, "linger.ms": 5}
         default = Producer(base)  # librdkafka's consistent_random
         murmur = Producer({**base, "partitioner": "murmur2_random"})
         try:
