@@ -32,20 +32,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 from models.errors import ConfigError, ServiceError
 from streams.core.events import Rejected
-from streams.core.processor import BatchStepper, decoder_for, default_partition, original_headers
-from streams.core.state import StateStore, UserState, UserWrite, encode_state
+from streams.core.processor import decoder_for, default_partition, original_headers
+from streams.core.state import StateStore
 from streams.core.versions import Version, register
 from streams.settings import Settings
+from streams.tools.blocks import Builder
 
 log = logging.getLogger("streams.tools.backfill")
 
 SOURCE_HEADER = "interest.backfill.source"  # on a re-key the backfill forwarded: "topic:partition:offset"
-CHUNK_EVENTS = 200_000  # events stepped per block
 WRITE_USERS = 20_000  # users per Redis pipeline at the end
 
 
@@ -81,114 +80,6 @@ class Report:
             f"(+{self.rekeyed_before} by an earlier run); dead-lettered by this model's rules: {dead}; offsets "
             f"committed for group {self.group}"
         )
-
-
-class Builder:
-    """Every user's state in memory, stepped block by block with the worker's own stepper."""
-
-    def __init__(self, session, settings: Settings) -> None:
-        meta = session.meta
-        self.session = session
-        self.encoder = session.encoder
-        self.stepper = BatchStepper(session, settings.ort_threads or None)
-        self.window = 8 * settings.dedup_window
-        self.k = len(meta.categories)
-        self.h0 = np.asarray(meta.h0, dtype=np.float32)
-        self.c0 = np.asarray(meta.c0, dtype=np.float32)
-        self.slot: dict[str, int] = {}
-        self.users: list[str] = []
-        self.states: list[UserState] = []
-        cap = 1024
-        self.H = np.empty((cap, meta.hidden_size), dtype=np.float32)
-        self.C = np.empty((cap, meta.hidden_size), dtype=np.float32)
-        self.P = np.empty((cap, self.k), dtype=np.float32)
-        # the block being gathered: per event its user slot, categories, action, gap
-        self.b_slot: list[int] = []
-        self.b_cats: list[tuple[int, ...]] = []
-        self.b_action: list[int] = []
-        self.b_gap: list[float] = []
-        self.step_seconds = 0.0
-
-    def state(self, user: str) -> tuple[int, UserState]:
-        s = self.slot.get(user)
-        if s is None:
-            s = self.slot[user] = len(self.users)
-            self.users.append(user)
-            self.states.append(UserState(h=self.h0, c=self.c0))
-            if s >= len(self.H):  # grow the state arrays
-                for name in ("H", "C", "P"):
-                    old = getattr(self, name)
-                    new = np.empty((2 * len(old), old.shape[1]), dtype=np.float32)
-                    new[: len(old)] = old
-                    setattr(self, name, new)
-            self.H[s], self.C[s] = self.h0, self.c0
-        return s, self.states[s]
-
-    def add(self, click, tp: str, offset: int) -> bool:
-        """Apply one validated event under the worker's dedup rules; False when it is a duplicate."""
-        s, st = self.state(click.user_id)
-        if offset <= st.positions.get(tp, -1) or st.seen(click.fingerprint):
-            return False
-        self.b_gap.append(click.ts - st.last_ts)  # nan for a user's first event
-        st.positions[tp] = offset
-        st.last_ts = click.ts
-        st.events += 1
-        st.recent = (st.recent + click.fingerprint)[-self.window :]
-        self.b_slot.append(s)
-        self.b_cats.append(click.categories)
-        self.b_action.append(click.action)
-        if len(self.b_slot) >= CHUNK_EVENTS:
-            self.step()
-        return True
-
-    def step(self) -> None:
-        """Step the gathered block: each user's events in order, users grouped by count into a few ORT calls."""
-        n = len(self.b_slot)
-        if not n:
-            return
-        t0 = time.perf_counter()
-        slots = np.asarray(self.b_slot, dtype=np.int64)
-        feats = self.encoder.encode(self.b_cats, np.asarray(self.b_action), np.asarray(self.b_gap))
-        # round of each event = how many earlier events of its user the block holds (a stable sort by user)
-        order = np.argsort(slots, kind="stable")
-        sorted_slots = slots[order]
-        starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
-        run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
-        rounds = np.empty(n, dtype=np.int64)
-        rounds[order] = np.arange(n) - run_start
-        users = len(self.users)
-        P = np.empty((n, self.k), dtype=np.float32)
-        H, C = self.H[:users], self.C[:users]  # views: the stepper writes the new states in place
-        self.stepper(feats, H, C, P, rounds, slots)
-        last_rows = order[np.r_[starts[1:], n] - 1]  # each user's last event in the block
-        self.P[sorted_slots[starts]] = P[last_rows]
-        self.b_slot, self.b_cats, self.b_action, self.b_gap = [], [], [], []
-        self.step_seconds += time.perf_counter() - t0
-
-    def writes(self, version: str, key, top_n: int, names: list[str]) -> tuple[list[UserWrite], dict]:
-        """One write per user: the worker's fields (probs and top of the user's last event, state, pos, recent)."""
-        now = repr(time.time())
-        users = len(self.users)
-        P = self.P[:users]
-        blob = orjson.dumps(P, option=orjson.OPT_SERIALIZE_NUMPY)
-        probs_json = [b"[" + row + b"]" for row in blob[2:-2].split(b"],[")] if users else []
-        top_n = min(top_n, self.k)
-        top_idx = np.argsort(-P, axis=1, kind="stable")[:, :top_n]
-        top_p = np.round(np.take_along_axis(P, top_idx, axis=1).astype(np.float64), 6).tolist()
-        out, states = [], {}
-        for s, u in enumerate(self.users):
-            st = self.states[s]
-            st.h, st.c = self.H[s].copy(), self.C[s].copy()
-            fields = encode_state(st)
-            fields["probs"] = probs_json[s]
-            fields["top"] = orjson.dumps(
-                [{"category": names[k], "p": p} for k, p in zip(top_idx[s].tolist(), top_p[s], strict=True)]
-            )
-            fields["model_version"] = version
-            fields["updated_at"] = now
-            out.append(UserWrite(key(u), fields, st.events))
-            states[u] = st
-        return out, states
 
 
 def parse_partitions(text: str | None, count: int) -> list[int]:

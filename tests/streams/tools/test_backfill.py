@@ -8,8 +8,9 @@ import pytest
 
 from export.runtime import StepSession, replay_log
 from streams.core.processor import decoder_for
-from streams.tools import backfill
-from streams.tools.backfill import Builder, parse_partitions
+from streams.tools import blocks
+from streams.tools.backfill import parse_partitions
+from streams.tools.blocks import Builder
 from tests.harness import ml_events
 
 
@@ -17,7 +18,7 @@ from tests.harness import ml_events
 def test_blocks_equal_the_offline_replay_and_duplicates_are_skipped(
     trained_model, data_dir, settings_for, monkeypatch, chunk
 ):
-    monkeypatch.setattr(backfill, "CHUNK_EVENTS", chunk)
+    monkeypatch.setattr(blocks, "CHUNK_EVENTS", chunk)
     settings = settings_for()
     session = StepSession(trained_model, device="cpu")
     decoder = decoder_for(session, settings, session.load_catalog())
