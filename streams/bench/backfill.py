@@ -20,7 +20,8 @@ BACKFILL_EVENTS, BACKFILL_EVENTS_QUICK = 1_000_000, 100_000
 class Backfills(BenchRun):
     def backfill(self, ds, quick: bool) -> dict:
         """Pre-fill a topic with the looped log, then time ``interest-stream backfill`` over it (one process, CPU);
-        its own report splits the time into read (consume, decode, dedup), step (ORT) and write (Redis)."""
+        its own report splits the time into read (consume, decode, dedup, with the stepping thread overlapped), step
+        (that thread's busy time: ORT and the blocks' arrays) and write (Redis)."""
         total = BACKFILL_EVENTS_QUICK if quick else BACKFILL_EVENTS
         loops = -(-total // len(ds.events))
         env = self.names("bf")

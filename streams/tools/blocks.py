@@ -1,10 +1,12 @@
 """The backfill's users in memory: each event applied under the worker's dedup rules as it is read, then stepped
 with the worker's own stepper in blocks of CHUNK_EVENTS events (all of a block's users at once, a few ORT calls of
-the sequence graph), and every user written once at the end with the worker's fields."""
+the sequence graph), and every user written once at the end with the worker's fields. A block is stepped in a thread
+while the next one is read (ORT releases the GIL): reading and stepping use two cores."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import orjson
@@ -14,6 +16,7 @@ from streams.core.state import UserState, UserWrite, encode_state
 from streams.settings import Settings
 
 CHUNK_EVENTS = 200_000  # events stepped per block
+INITIAL_USERS = 1024  # rows of the state arrays at first (they double as users come)
 
 
 class Builder:
@@ -31,7 +34,7 @@ class Builder:
         self.slot: dict[str, int] = {}
         self.users: list[str] = []
         self.states: list[UserState] = []
-        cap = 1024
+        cap = INITIAL_USERS
         self.H = np.empty((cap, meta.hidden_size), dtype=np.float32)
         self.C = np.empty((cap, meta.hidden_size), dtype=np.float32)
         self.P = np.empty((cap, self.k), dtype=np.float32)
@@ -40,7 +43,10 @@ class Builder:
         self.b_cats: list[tuple[int, ...]] = []
         self.b_action: list[int] = []
         self.b_gap: list[float] = []
-        self.step_seconds = 0.0
+        self.step_seconds = 0.0  # time the stepping thread was busy (overlapped with reading)
+        self.wait_seconds = 0.0  # time the reader waited for it
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="backfill-step")
+        self._stepping: Future | None = None
 
     def state(self, user: str) -> tuple[int, UserState]:
         s = self.slot.get(user)
@@ -48,7 +54,8 @@ class Builder:
             s = self.slot[user] = len(self.users)
             self.users.append(user)
             self.states.append(UserState(h=self.h0, c=self.c0))
-            if s >= len(self.H):  # grow the state arrays
+            if s >= len(self.H):  # grow the state arrays, once the block being stepped is done with them
+                self.wait()
                 for name in ("H", "C", "P"):
                     old = getattr(self, name)
                     new = np.empty((2 * len(old), old.shape[1]), dtype=np.float32)
@@ -71,17 +78,40 @@ class Builder:
         self.b_cats.append(click.categories)
         self.b_action.append(click.action)
         if len(self.b_slot) >= CHUNK_EVENTS:
-            self.step()
+            self.submit()
         return True
 
-    def step(self) -> None:
-        """Step the gathered block: each user's events in order, users grouped by count into a few ORT calls."""
-        n = len(self.b_slot)
-        if not n:
+    def wait(self) -> None:
+        """Until the block being stepped is done (its error, if any, raised here)."""
+        if self._stepping is not None:
+            t0 = time.perf_counter()
+            self._stepping.result()
+            self._stepping = None
+            self.wait_seconds += time.perf_counter() - t0
+
+    def submit(self) -> None:
+        """Hand the gathered block to the stepping thread (after the previous one: it holds the same users)."""
+        self.wait()
+        if not self.b_slot:
             return
+        block = (self.b_slot, self.b_cats, self.b_action, self.b_gap)
+        self.b_slot, self.b_cats, self.b_action, self.b_gap = [], [], [], []
+        users = len(self.users)
+        # views: the stepper writes the new states in place; the arrays only grow after wait()
+        self._stepping = self._thread.submit(self._step, block, self.H[:users], self.C[:users], self.P)
+
+    def step(self) -> None:
+        """Step whatever is gathered and wait for it: every state is then up to date."""
+        self.submit()
+        self.wait()
+
+    def _step(self, block: tuple, H: np.ndarray, C: np.ndarray, P_last: np.ndarray) -> None:
+        """Step one block: each user's events in order, users grouped by count into a few ORT calls."""
+        b_slot, b_cats, b_action, b_gap = block
+        n = len(b_slot)
         t0 = time.perf_counter()
-        slots = np.asarray(self.b_slot, dtype=np.int64)
-        feats = self.encoder.encode(self.b_cats, np.asarray(self.b_action), np.asarray(self.b_gap))
+        slots = np.asarray(b_slot, dtype=np.int64)
+        feats = self.encoder.encode(b_cats, np.asarray(b_action), np.asarray(b_gap))
         # round of each event = how many earlier events of its user the block holds (a stable sort by user)
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
@@ -89,17 +119,15 @@ class Builder:
         run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
         rounds = np.empty(n, dtype=np.int64)
         rounds[order] = np.arange(n) - run_start
-        users = len(self.users)
         P = np.empty((n, self.k), dtype=np.float32)
-        H, C = self.H[:users], self.C[:users]  # views: the stepper writes the new states in place
         self.stepper(feats, H, C, P, rounds, slots)
         last_rows = order[np.r_[starts[1:], n] - 1]  # each user's last event in the block
-        self.P[sorted_slots[starts]] = P[last_rows]
-        self.b_slot, self.b_cats, self.b_action, self.b_gap = [], [], [], []
+        P_last[sorted_slots[starts]] = P[last_rows]
         self.step_seconds += time.perf_counter() - t0
 
     def writes(self, version: str, key, top_n: int, names: list[str]) -> tuple[list[UserWrite], dict]:
         """One write per user: the worker's fields (probs and top of the user's last event, state, pos, recent)."""
+        self.step()
         now = repr(time.time())
         users = len(self.users)
         P = self.P[:users]

@@ -181,7 +181,7 @@ def test_wrongly_keyed_events_are_rekeyed_and_applied_in_order(
         wait_for(lambda: worker.metric("interest_rekeyed_total") == len(events), 10, "re-keys counted")
     finally:
         assert worker.stop() == 0
-    rekeyed = consume_all(kafka_bootstrap, names.rekey_topic, len(events))
+    rekeyed = consume_all(kafka_bootstrap, model_names(names, trained_model).rekey_topic, len(events))
     assert sorted(r.value for r in rekeyed) == sorted(orjson.dumps(e) for e in events), "values forwarded unchanged"
     assert all(dict(r.headers) == {"trace-id": b"t-2"} for r in rekeyed), "re-keyed records keep their headers"
     _oracle(events, trained_model, settings_for(), rclient)

@@ -14,11 +14,13 @@ from streams.tools.blocks import Builder
 from tests.harness import ml_events
 
 
-@pytest.mark.parametrize("chunk", [100_000, 777])  # one block, and many blocks that split users' histories
+# one block; many blocks that split users' histories, the state arrays growing while a block is being stepped
+@pytest.mark.parametrize(("chunk", "rows"), [(100_000, 1024), (777, 8)])
 def test_blocks_equal_the_offline_replay_and_duplicates_are_skipped(
-    trained_model, data_dir, settings_for, monkeypatch, chunk
+    trained_model, data_dir, settings_for, monkeypatch, chunk, rows
 ):
     monkeypatch.setattr(blocks, "CHUNK_EVENTS", chunk)
+    monkeypatch.setattr(blocks, "INITIAL_USERS", rows)
     settings = settings_for()
     session = StepSession(trained_model, device="cpu")
     decoder = decoder_for(session, settings, session.load_catalog())
