@@ -136,3 +136,27 @@ def test_bad_use_gets_one_clear_line(
         assert applied_events(rclient, names.redis_prefix, new.tag) == 0
     finally:
         assert worker.stop() == 0
+
+
+def test_backfill_split_across_two_processes_by_partition_is_exact(
+    names, kafka_bootstrap, redis_url, new_model, data_dir, rclient, settings_for, tmp_path
+):
+    events = ml_events(data_dir, 8000)
+    users = list(dict.fromkeys(e["user_id"] for e in events))
+    MixedFeeder(kafka_bootstrap, names.input_topic, events, 0, set(users[::3])).run()
+    new = model_names(names, new_model)
+    # at once: each forwards its misrouted events to re-key partitions the other may own
+    procs = [
+        spawn_cli(names, kafka_bootstrap, redis_url, tmp_path / f"bf{i}.log", "backfill", "--model", str(new_model),
+                  "--no-progress", "--partitions", part)
+        for i, part in enumerate(("0-1", "2,3"))
+    ]  # fmt: skip
+    for i, p in enumerate(procs):
+        assert p.wait(300) == 0, (tmp_path / f"bf{i}.log").read_text()[-2000:]
+    worker = start_worker(names, kafka_bootstrap, redis_url, new_model, tmp_path / "w")
+    try:
+        wait_for(lambda: applied_events(rclient, names.redis_prefix, new.tag) == len(events), WAIT, "all applied")
+    finally:
+        assert worker.stop() == 0
+    report = verify_events(events, StepSession(new_model, device="cpu"), settings_for(), rclient)
+    assert report.ok and report.max_dp <= 1e-5, report.summary()
