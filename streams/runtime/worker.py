@@ -21,6 +21,7 @@ import orjson
 
 from models.errors import ModelError
 from streams.core.processor import BatchStep, InterestProcessor
+from streams.core.versions import Version
 from streams.logs import logging_config
 from streams.runtime.app import make_app
 from streams.runtime.stepper import StepperProcess, quiet_gc
@@ -49,10 +50,14 @@ def check_redis(settings: Settings, timeout: float = 30.0) -> None:
         client.close()
 
 
-def register_version(settings: Settings, version, log: logging.Logger) -> None:
+def register_version(settings: Settings, version: Version, log: logging.Logger) -> None:
     """List this version in the registry; on a fresh deployment (nothing promoted yet) promote it."""
+    import redis
+
+    from models.errors import ServiceError
     from streams.core import versions
     from streams.core.state import sync_client
+    from streams.settings import redact_url
 
     client = sync_client(settings)
     try:
@@ -61,6 +66,9 @@ def register_version(settings: Settings, version, log: logging.Logger) -> None:
             log.info("model %s promoted: no version was (a fresh deployment)", version.version)
         else:
             log.info("model %s registered; readers see %s", version.version, versions.promoted(client, settings))
+    except redis.RedisError as exc:  # e.g. an ACL without the pointer's and registry's commands: one line
+        where = redact_url(settings.redis_url)
+        raise ServiceError(f"cannot register model {version.version} in Redis at {where}: {exc}") from None
     finally:
         client.close()
 
