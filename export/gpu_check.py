@@ -4,7 +4,8 @@
 
 On a machine with an NVIDIA GPU (onnxruntime-gpu): builds a CPU and a CUDA session, steps the same random
 sequences (length 64, batch 1, 7, 512) through both and records max |dp|, |dh|, |dc|, and the same for the
-sequence graph the stream worker runs (model.seq.onnx, or the wrapped step graph) on padded blocks; then measures step
+sequence graph the stream worker runs (model.seq.onnx, or the wrapped step graph) on padded blocks, and the backfill's
+block stepping of a whole random log (parity and events/s on each device); then measures step
 throughput (events/s) at batch 1, 4, 16, ... 65536 with plain run() (host arrays in and out) and with
 IOBinding (state kept on the device between steps, features copied in, probs copied out), fp32, and fp16
 (a converted copy of the graph, if onnx's float16 converter is available). Without a usable GPU it says so
@@ -34,7 +35,7 @@ BATCHES = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 SECONDS_PER_POINT = 1.0  # measuring time per (mode, batch)
 MAX_TOTAL_SECONDS = 240.0
 PARITY_TOL = 1e-5  # CUDA vs CPU, fp32 with TF32 off (export/runtime.py)
-PARITY_SECTIONS = ("parity", "sequence_parity", "replay_parity")
+PARITY_SECTIONS = ("parity", "sequence_parity", "replay_parity", "backfill_parity")
 
 
 class Report:
@@ -135,6 +136,63 @@ def replay_parity(cpu: StepSession, gpu: StepSession, users: int = 3000, max_eve
         "gpu_events_per_s": len(log) / t_gpu,
         "cpu_events_per_s": len(log) / t_cpu,
     }
+
+
+def block_steps(seq, feats: np.ndarray, counts: np.ndarray, h0: np.ndarray, c0: np.ndarray, block_users: int):
+    """The backfill's stepping (``streams.tools.backfill``): every user's whole history through the sequence graph,
+    users sorted by event count and stepped ``block_users`` at a time, each block padded to its longest user.
+    ``feats`` holds the users' events user after user (``counts[u]`` each). Returns final probs, h, c per user."""
+    n_users = len(counts)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    order = np.argsort(-counts, kind="stable")
+    h = np.empty((n_users, h0.shape[-1]), dtype=np.float32)
+    c = np.empty_like(h)
+    out_p = []
+    for b in range(0, n_users, block_users):
+        users = order[b : b + block_users]
+        t = int(counts[users[0]])
+        x = np.zeros((len(users), t, feats.shape[1]), dtype=np.float32)
+        mask = np.zeros((len(users), t), dtype=bool)
+        for i, u in enumerate(users):
+            x[i, : counts[u]] = feats[starts[u] : starts[u] + counts[u]]
+            mask[i, : counts[u]] = True
+        rows = len(users)
+        p, h[users], c[users] = seq.run(x, mask, np.tile(h0, (rows, 1)), np.tile(c0, (rows, 1)))
+        out_p.append((users, p[np.arange(rows), counts[users] - 1]))
+    probs = np.empty((n_users, out_p[0][1].shape[1]), dtype=np.float32)
+    for users, p_last in out_p:
+        probs[users] = p_last
+    return probs, h, c
+
+
+def backfill_parity(
+    cpu: StepSession, gpu: StepSession, users: int = 8000, max_events: int = 60, block_users: int = 4096
+) -> dict:
+    """The backfill's block stepping of one random log, on CUDA and on CPU: parity of every user's final
+    distribution and state, and events/s of each."""
+    from export.sequence import SequenceSession
+
+    rng = np.random.default_rng(3)
+    k, a = cpu.encoder.k, cpu.encoder.a
+    counts = rng.integers(1, max_events + 1, size=users)
+    n = int(counts.sum())
+    cats = [tuple(rng.choice(k, size=rng.integers(1, 3), replace=False)) for _ in range(n)]
+    gaps = np.where(np.r_[0, np.cumsum(counts)[:-1]].repeat(counts) == np.arange(n), np.nan, 60.0)
+    feats = cpu.encoder.encode(cats, rng.integers(0, a, size=n), gaps)
+    h0 = np.asarray(cpu.meta.h0, dtype=np.float32)
+    c0 = np.asarray(cpu.meta.c0, dtype=np.float32)
+    out: dict = {"events": n, "users": users, "block_users": block_users}
+    results = {}
+    for name, session in (("gpu", gpu), ("cpu", cpu)):
+        seq = SequenceSession(session)
+        block_steps(seq, feats[:100], np.array([100]), h0, c0, 1)  # warm-up (CUDA kernels, allocations)
+        t0 = time.perf_counter()
+        results[name] = block_steps(seq, feats, counts, h0, c0, block_users)
+        out[f"{name}_events_per_s"] = n / (time.perf_counter() - t0)
+    (pg, hg, cg), (pc, hc, cc) = results["gpu"], results["cpu"]
+    out["max_abs_dp"] = max_abs_diff(pg, pc)
+    out["max_abs_dstate"] = worst(max_abs_diff(hg, hc), max_abs_diff(cg, cc))
+    return out
 
 
 def parity_failures(data: dict, tol: float = PARITY_TOL) -> list[str]:
@@ -254,11 +312,21 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
     except Exception as e:
         rep.error("nvidia_smi", e)
-    for key, check in (("parity", parity), ("sequence_parity", sequence_parity), ("replay_parity", replay_parity)):
+    checks = (
+        ("parity", parity),
+        ("sequence_parity", sequence_parity),
+        ("replay_parity", replay_parity),
+        ("backfill_parity", backfill_parity),
+    )
+    for key, check in checks:
         try:
             rep.data[key] = res = check(cpu, gpu)
             rep.save()
-            what = {"parity": "step graph", "replay_parity": "replay with the state on the device"}.get(key)
+            what = {
+                "parity": "step graph",
+                "replay_parity": "replay with the state on the device",
+                "backfill_parity": "backfill block stepping",
+            }.get(key)
             what = what or f"sequence graph {res['path']} ({res['kind']})"
             print(f"CUDA vs CPU parity, {what}: max |dp| = {res['max_abs_dp']:.3e}")
         except Exception as e:

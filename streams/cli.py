@@ -3,7 +3,8 @@
     interest-stream --help
 
 Each subcommand lives in the module that owns the concept and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported only when their subcommand runs, so ``lookup`` does not load torch, and
+``run(args) -> int`` (or the function named after a colon, ``module:function``, where one module has several);
+modules are imported only when their subcommand runs, so ``lookup`` does not load torch, and
 a subcommand that needs an extra the install lacks (``train`` needs torch) says which one in one line.
 Errors meant for a user (``InterestStreamError``) print as one line and exit 2, never as a traceback.
 """
@@ -27,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("streams.tools.replay", "produce a data set (or synthetic load) into the input topic"),
     "lookup": ("streams.lookup", "print a user's interest distribution from Redis"),
     "verify": ("streams.tools.verify", "replay the log offline through the model and compare with Redis"),
+    "backfill": ("streams.tools.backfill", "build a new model version's states from the retained log"),
+    "promote": ("streams.tools.rollout:run_promote", "switch readers to a caught-up model version (or back)"),
+    "status": ("streams.tools.rollout:run_status", "the model versions, the promoted one, each one's lag"),
+    "retire": ("streams.tools.rollout:run_retire", "delete a version readers do not see: states, group, topic"),
+    "dump": ("streams.tools.dump", "write the retained input log as the generic CSV, to retrain on"),
     "bench": ("streams.bench.run", "benchmark the worker against ceilings and a naive design"),
     "demo": ("streams.local.demo", "services, model, worker and replay on ML-100K, with live distributions"),
     "services": ("streams.local.services", "start/stop the local broker and Redis"),
@@ -50,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help / usage error and exits
         return 2
     name = argv[0]
-    module_name, help_text = COMMANDS[name]
+    target, help_text = COMMANDS[name]
+    module_name, _, function = target.partition(":")
     sub = argparse.ArgumentParser(prog=f"interest-stream {name}", description=help_text)
     try:
         module = importlib.import_module(module_name)
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
-        return int(module.run(args) or 0)
+        return int(getattr(module, function or "run")(args) or 0)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing not in EXTRAS:

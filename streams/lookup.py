@@ -20,7 +20,7 @@ import orjson
 import redis
 
 from streams.core.events import USER_ID_RE
-from streams.core.state import sync_client, user_key
+from streams.core.state import promoted_key, sync_client, user_key, version_tag
 from streams.settings import Settings, get_settings
 
 LOOKUP_FIELDS = ("probs", "top", "event_ts", "updated_at", "model_version", "events")
@@ -42,14 +42,21 @@ class Interests:
 def get_interests(
     user_id: str, settings: Settings | None = None, client: redis.Redis | None = None
 ) -> Interests | None:
-    """The user's distribution as published by the worker, or None if the user has none (or an invalid id)."""
+    """The user's distribution as published by the worker, or None if the user has none (or an invalid id).
+
+    Reads the promoted version (the pointer), then that version's hash of the user: every read sees one version
+    whole, and a promotion switches every later read at once."""
     settings = settings or get_settings()
     if not USER_ID_RE.fullmatch(user_id) or len(user_id) > settings.max_user_id_len:
         return None
     own = client is None
     client = client or sync_client(settings)
     try:
-        values = client.hmget(user_key(settings.redis_prefix, user_id), LOOKUP_FIELDS)
+        promoted = client.get(promoted_key(settings.redis_prefix))
+        if promoted is None:  # no version deployed yet
+            return None
+        tag = version_tag(promoted.decode() if isinstance(promoted, bytes) else promoted)
+        values = client.hmget(user_key(settings.redis_prefix, tag, user_id), LOOKUP_FIELDS)
     finally:
         if own:
             client.close()

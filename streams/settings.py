@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
     """Client private key for mutual TLS."""
     app_id: str = "interest-stream"
-    """Faust app id = consumer group id."""
+    """Base of the consumer group (Faust app id) ``<app_id>.<tag>`` of each model version."""
     input_topic: str = "clicks"
     """Topic the click events arrive on (JSON, keyed by user id)."""
     output_topic: str = "interests"
@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     dlq_topic: str = "clicks-dlq"
     """Dead-letter topic: original bytes of invalid events, reason in headers."""
     rekey_topic: str = "clicks-rekeyed"
-    """Internal topic that events keyed by something other than their user id are re-keyed through."""
+    """Base of each model version's re-key topic ``<rekey_topic>.<tag>`` (events keyed by something other than their
+    user id are re-keyed through it)."""
     partitions: int = Field(8, ge=1, le=1024)
     """Partitions of the topics the worker creates (input, re-key, output, DLQ)."""
     max_batch: int = Field(2000, ge=1, le=100_000)
@@ -73,7 +74,7 @@ class Settings(BaseSettings):
     redis_ssl_ca_certs: Path | None = None
     """CA bundle for ``rediss://``."""
     redis_prefix: str = "interest:"
-    """Prefix of the per-user keys: ``<prefix><user_id>``."""
+    """Prefix of every key: ``<prefix><tag>:<user_id>``, ``<prefix>promoted``, ``<prefix>versions``."""
     redis_ttl_s: int = Field(0, ge=0)
     """Expire a user's key this many seconds after its last update; 0 keeps keys forever."""
     redis_retry_max_s: float = Field(30.0, gt=0)

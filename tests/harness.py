@@ -101,9 +101,29 @@ def consume_all(kafka_bootstrap: str, topic: str, expected: int, timeout: float 
     return got
 
 
-def applied_events(client, prefix: str) -> int:
-    """Sum of the ``events`` field over all users under ``prefix`` (what the workers have applied)."""
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+def model_names(names, model: Path):
+    """The names a worker of ``model`` uses under this test's settings (:class:`streams.core.versions.Version`:
+    tag, consumer group, re-key topic)."""
+    from streams.core.versions import Version, model_version
+    from streams.settings import Settings
+
+    settings = Settings(**{k[len("INTEREST_") :].lower(): v for k, v in names.worker_env("x:1", "redis://x").items()})
+    return Version.of(settings, model_version(model))
+
+
+def user_keys(client, prefix: str, tag: str | None = None) -> list[bytes]:
+    """The user hashes under ``prefix`` (of version ``tag``, or of every version; not the pointer or registry)."""
+    from streams.core.state import user_key, versions_key
+
+    match = user_key(prefix, tag, "*") if tag else prefix + "*:*"
+    registry = versions_key(prefix).encode()
+    return [k for k in client.scan_iter(match=match, count=1000, _type="HASH") if k != registry]
+
+
+def applied_events(client, prefix: str, tag: str | None = None) -> int:
+    """Sum of the ``events`` field over all users under ``prefix`` (of version ``tag``, or of all versions): what
+    the workers have applied."""
+    keys = user_keys(client, prefix, tag)
     if not keys:
         return 0
     pipe = client.pipeline(transaction=False)

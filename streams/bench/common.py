@@ -23,6 +23,7 @@ TARGETS = {
     "product_vs_naive": 30.0,
     "latency_p99_ms": 50.0,
     "users_1m_vs_1k": 0.8,
+    "backfill_vs_product": 10.0,
 }
 
 

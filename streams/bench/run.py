@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from models.data import ML100K
+from streams.bench.backfill import Backfills
 from streams.bench.ceilings import Ceilings
 from streams.bench.common import Plan, log, stop_all
 from streams.bench.latency import Latencies
@@ -20,7 +21,7 @@ from streams.bench.report import build_result, write_markdown, write_plot
 from streams.bench.workloads import PRODUCER_LINGER_MS, looped_events, scale_events
 
 
-class Bench(Ceilings, Products, Latencies):
+class Bench(Ceilings, Products, Latencies, Backfills):
     """Every measurement, on the processes and names of one run."""
 
 
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
         per_event = bench.names("pe", topic) | {"INTEREST_BATCH_PATH": "false"}
         r["p1_events"] = bench.product(per_event, n, 1, "product-1w-event-path")
+        r["backfill"] = bench.backfill(ds, plan.quick)
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)

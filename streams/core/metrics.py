@@ -22,6 +22,7 @@
 | `interest_users_cached`                  | gauge     | user states in the in-process cache                  |
 | `interest_partitions_assigned`           | gauge     | input and re-key partitions this worker owns         |
 | `interest_consumer_lag{topic,partition}` | gauge     | records in an owned partition not yet applied        |
+| `interest_publishing`                    | gauge     | 1 while this version is promoted and publishes (***) |
 
 (*) sampled: 16 to 31 evenly spaced events of each batch (all of a smaller one).
 (**) one observation per batch and stage, timed in the agent's process: ``consume`` the batch's first event from
@@ -30,6 +31,8 @@ the previous batch's step), ``step`` until it is stepped and its records are wit
 process: until that process has decoded it; it steps the batch while the worker takes the next), ``write`` until its
 records are delivered and its states are in Redis. ``consume`` and ``collect`` are left out for a batch whose first
 event arrived behind a full one (a backlog, where arrival times are not latency).
+(***) only the promoted version's workers publish to the output topic; the others keep their states live and check
+the pointer about once a second (:mod:`streams.core.versions`).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ class Metrics:
         self.partitions_assigned = Gauge(
             "interest_partitions_assigned", "Input and re-key partitions this worker owns", registry=r
         )
-
+        self.publishing = Gauge(
+            "interest_publishing", "1 while this worker's model version is promoted and publishes", registry=r
+        )
         self.consumer_lag = Gauge(
             "interest_consumer_lag",
             "Records in an owned partition not yet applied (high watermark - next offset to apply)",

@@ -128,6 +128,8 @@ def default_partition(key: bytes, partitions: int) -> int:
 # the event loop is busy).
 STEP_S, WRAPPED_STEP_S, USER_STEP_S, CALL_S = 13e-6, 30e-6, 2.8e-6, 1e-3
 
+POINTER_TTL_S = 1.0  # how long the worker trusts its last read of the promoted-version pointer
+
 
 def step_groups(counts: np.ndarray, step_s: float = STEP_S) -> list[np.ndarray]:
     """Split the users (``counts[u]`` events each in the batch, 0 = absent) into groups stepped by one call each.
@@ -254,6 +256,9 @@ class InterestProcessor:
         # states of batches prepared but not yet written: the next batch builds on them (see write())
         self.inflight: dict[str, UserState] = {}
         self.stepper = BatchStepper(session, settings.ort_threads or None)
+        # only the promoted version publishes to the output topic (others keep their states live, invisible)
+        self.publishing = True
+        self._pointer_read_at = -float("inf")
         # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
         self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step") if step_in_thread else None
 
@@ -328,7 +333,7 @@ class InterestProcessor:
         partition_for: Callable[[str, bytes], int] = self.partition_for  # type: ignore[assignment]
         s = self.settings
         out_topic, dlq_topic, rekey_topic = s.output_topic, s.dlq_topic, s.rekey_topic
-        for key, value in plan.outputs:
+        for key, value in plan.outputs if self.publishing else ():
             add(out_topic, partition_for(out_topic, key), key, value)
         for msg, reason, detail in plan.dead:
             headers = [
@@ -382,6 +387,27 @@ class InterestProcessor:
                 len(plan.rekey),
             )
 
+    async def check_promoted(self) -> None:
+        """Publish output records only while this model version is the promoted one (no pointer: publish, as before
+        versions existed). The pointer is read at most every POINTER_TTL_S, so a promotion silences the old version
+        within about a second; the change is logged and shown by ``interest_publishing``."""
+        now = time.monotonic()
+        if now - self._pointer_read_at < POINTER_TTL_S:
+            return
+        self._pointer_read_at = now
+        promoted = await self.store.promoted()
+        publishing = promoted is None or promoted == self.version
+        if publishing != self.publishing:
+            log.warning(
+                "model %s %s the output topic (promoted: %s)",
+                self.version,
+                "publishes to" if publishing else "no longer publishes to",
+                promoted,
+            )
+        self.publishing = publishing
+        if self.metrics:
+            self.metrics.publishing.set(1 if publishing else 0)
+
     async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
         """Steps 1-5 of the module docstring for one batch; with ``producer``, then :meth:`send` its records."""
         return await self.prepare_routed(*self.route(messages), producer)
@@ -410,6 +436,7 @@ class InterestProcessor:
         self, plan: BatchPlan, accepted: list[tuple[Click, Message]], producer: Any = None
     ) -> BatchPlan:
         """Steps 2-5 for a routed batch (:meth:`route`), in batch order: it builds on the earlier batches' states."""
+        await self.check_promoted()
         if not accepted:
             return await self._sent(plan, producer)
         work, users = await self._load(accepted)

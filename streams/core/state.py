@@ -1,9 +1,15 @@
-"""Per-user state and published distribution, together in one Redis hash per user.
+"""Per-user state and published distribution, together in one Redis hash per user and model version.
 
-Key ``<prefix><user_id>`` (a hash). The worker writes every field of a user in one ``HSET`` inside a Lua script that
-refuses to go backwards (fewer applied events than stored, same model version); one script call writes up to 256
-users, and a batch's calls go out in one pipeline (reads likewise, through a script of ``HMGET``s). A new owner of
-a partition just reads the hashes it needs (no changelog restore).
+Keys (the layout the README documents for other services; this module is the one place that builds them):
+
+- ``<prefix><tag>:<user_id>``: a user's hash under one model version, ``<tag>`` = :func:`version_tag` of the version;
+- ``<prefix>promoted``: a string, the version readers see (:func:`promoted_key`);
+- ``<prefix>versions``: a hash, version -> JSON of its tag, times, model path and group (:func:`versions_key`).
+
+User ids never contain ':', so no user's key can be the pointer or the registry. The worker writes every field of a
+user in one ``HSET`` inside a Lua script that refuses to go backwards (fewer applied events than stored, same model
+version); one script call writes up to 256 users, and a batch's calls go out in one pipeline (reads likewise, through
+a script of ``HMGET``s). A new owner of a partition just reads the hashes it needs (no changelog restore).
 
 | field           | what                                                                         |
 |-----------------|------------------------------------------------------------------------------|
@@ -182,10 +188,26 @@ def startup_failure(settings: Settings, exc: RedisError, deadline: float) -> Ser
     return None
 
 
-def user_key(prefix: str, user_id: str) -> str:
-    """The one place that builds a user's Redis key: ``<prefix><user_id>`` (the layout the README documents; user ids
-    are validated before they get here)."""
-    return prefix + user_id
+def version_tag(version: str) -> str:
+    """A short stable id of a model version for key and topic names: 8 hex characters of its BLAKE2b hash (versions
+    are free text; the tag is safe in a Redis key, a Kafka topic name and a consumer group id)."""
+    return hashlib.blake2b(version.encode(), digest_size=4).hexdigest()
+
+
+def user_key(prefix: str, tag: str, user_id: str) -> str:
+    """The one place that builds a user's Redis key: ``<prefix><tag>:<user_id>`` (the layout the README documents;
+    user ids are validated before they get here)."""
+    return f"{prefix}{tag}:{user_id}"
+
+
+def promoted_key(prefix: str) -> str:
+    """The pointer readers follow: a string holding the promoted model version."""
+    return prefix + "promoted"
+
+
+def versions_key(prefix: str) -> str:
+    """The registry of versions: a hash, version -> JSON (tag, registered/promoted times, model path, group)."""
+    return prefix + "versions"
 
 
 def redis_options(settings: Settings) -> dict[str, Any]:
@@ -251,6 +273,7 @@ class StateStore:
         self.settings = settings
         self.prefix = settings.redis_prefix
         self.version = model_version
+        self.tag = version_tag(model_version)
         self.hidden = hidden
         self.ttl = settings.redis_ttl_s
         self.metrics = metrics
@@ -263,7 +286,12 @@ class StateStore:
         self.corrupt_states = 0  # damaged states read (logged; see decode_state)
 
     def key(self, user_id: str) -> str:
-        return user_key(self.prefix, user_id)
+        return user_key(self.prefix, self.tag, user_id)
+
+    async def promoted(self) -> str | None:
+        """The promoted version (the pointer readers follow), or None when none is."""
+        value = await self._retrying("pointer read", lambda: self.client.get(promoted_key(self.prefix)))
+        return value.decode() if value is not None else None
 
     async def start(self, timeout: float = 30.0) -> None:
         """Connect and PING, retrying as :func:`startup_failure` says; raise its ServiceError when it gives up."""
@@ -375,7 +403,7 @@ class StateStore:
         results = [ok for reply in await self._scripts("write", calls) for ok in reply]
         stale = 0
         cache = self.cache
-        prefix_len = len(self.prefix)
+        prefix_len = len(self.key(""))
         for w, ok in zip(writes, results, strict=True):
             user = w.key[prefix_len:]
             if ok:

@@ -21,6 +21,7 @@ import orjson
 
 from models.errors import ModelError
 from streams.core.processor import BatchStep, InterestProcessor
+from streams.core.versions import Version
 from streams.logs import logging_config
 from streams.runtime.app import make_app
 from streams.runtime.stepper import StepperProcess, quiet_gc
@@ -49,6 +50,29 @@ def check_redis(settings: Settings, timeout: float = 30.0) -> None:
         client.close()
 
 
+def register_version(settings: Settings, version: Version, log: logging.Logger) -> None:
+    """List this version in the registry; on a fresh deployment (nothing promoted yet) promote it."""
+    import redis
+
+    from models.errors import ServiceError
+    from streams.core import versions
+    from streams.core.state import sync_client
+    from streams.settings import redact_url
+
+    client = sync_client(settings)
+    try:
+        versions.register(client, settings, version, settings.model_path)
+        if versions.promote_if_none(client, settings, version.version):
+            log.info("model %s promoted: no version was (a fresh deployment)", version.version)
+        else:
+            log.info("model %s registered; readers see %s", version.version, versions.promoted(client, settings))
+    except redis.RedisError as exc:  # e.g. an ACL without the pointer's and registry's commands: one line
+        where = redact_url(settings.redis_url)
+        raise ServiceError(f"cannot register model {version.version} in Redis at {where}: {exc}") from None
+    finally:
+        client.close()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override INTEREST_LOG_LEVEL"
@@ -67,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(**overrides)
     logging.config.dictConfig(logging_config(settings))
     log = logging.getLogger("streams.runtime.worker")
-    log.info("settings: %s", orjson.dumps(settings.redacted()).decode())
     # Faust's consumer runs in a thread of its own: under load it waits for the GIL up to a switch interval per hand-off
     sys.setswitchinterval(settings.gil_switch_ms / 1000)
 
@@ -75,7 +98,14 @@ def run(args: argparse.Namespace) -> int:
         raise ModelError(
             f"model file {settings.model_path} not found (train and export one: see README, or set INTEREST_MODEL_PATH)"
         )
+    from streams.core import versions
+
+    # each model version has its own consumer group and re-key topic, so versions can run side by side
+    version = versions.Version.of(settings, versions.model_version(settings.model_path))
+    settings = version.settings(settings)
+    log.info("settings: %s", orjson.dumps(settings.redacted()).decode())
     check_redis(settings)
+    register_version(settings, version, log)
 
     from streams.core.metrics import Metrics
     from streams.kafka import ensure_topics

@@ -22,7 +22,7 @@ import orjson
 from export.runtime import StepSession, max_abs_diff, replay_log, worst
 from streams.core.events import Rejected, encode_event
 from streams.core.processor import decoder_for
-from streams.core.state import fingerprint_in, user_key
+from streams.core.state import fingerprint_in, user_key, version_tag
 from streams.settings import Settings
 
 TOLERANCE = 1e-5
@@ -89,9 +89,10 @@ def verify_events(
     report.users = len(expected)
     report.events = len(log)
     users = list(expected)
+    tag = version_tag(session.meta.version)  # judges this model version's states, promoted or not
     pipe = client.pipeline(transaction=False)
     for u in users:
-        pipe.hmget(user_key(settings.redis_prefix, u), ("probs", "events"))
+        pipe.hmget(user_key(settings.redis_prefix, tag, u), ("probs", "events"))
     stored = pipe.execute()
     for u, (probs, events_stored) in zip(users, stored, strict=True):
         want = expected[u]

@@ -25,7 +25,7 @@ from kafka import KafkaProducer
 from export.runtime import StepSession
 from streams.tools.verify import verify_events
 from tests.conftest import REPO
-from tests.harness import applied_events, ml_events, wait_for
+from tests.harness import applied_events, ml_events, user_keys, wait_for
 
 PER_USER = 22  # first 22 events of each of the 943 users: 20,658 events
 WAIT = 180  # generous: the box is shared with other test runs
@@ -138,7 +138,7 @@ def safe_metric(worker, name: str, default: float = 0.0) -> float:
 
 def partition_progress(client, prefix: str, topic: str) -> dict[int, int]:
     """Per input partition, the highest applied offset over all users (from each user's ``pos`` field)."""
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    keys = user_keys(client, prefix)
     pipe = client.pipeline(transaction=False)
     for k in keys:
         pipe.hget(k, "pos")

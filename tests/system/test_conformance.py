@@ -30,7 +30,7 @@ from streams.core.processor import default_partition
 from streams.kafka import KafkaConnection
 from streams.tools.verify import verify_events
 from tests.conftest import REPO
-from tests.harness import applied_events, ml_events, start_worker, wait_for
+from tests.harness import applied_events, ml_events, model_names, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -315,8 +315,9 @@ def test_every_client_is_applied_exactly(
     # the worker creates the topics (4 partitions, the re-key topic co-partitioned) before anything is produced
     worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
     try:
-        counts = _partition_counts(kafka_bootstrap, names.input_topic, names.rekey_topic, names.output_topic)
-        assert counts == dict.fromkeys((names.input_topic, names.rekey_topic, names.output_topic), 4), counts
+        rekey_topic = model_names(names, trained_model).rekey_topic  # the model version's own re-key topic
+        counts = _partition_counts(kafka_bootstrap, names.input_topic, rekey_topic, names.output_topic)
+        assert counts == dict.fromkeys((names.input_topic, rekey_topic, names.output_topic), 4), counts
         t_started = time.monotonic()
         produced = case.produce(kafka_bootstrap, names.input_topic, records, tmp_path, settings)
         t_produced = time.monotonic()

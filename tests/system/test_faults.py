@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from streams.local.services import free_port, start_redis
-from tests.harness import applied_events, start_worker, wait_for
+from tests.harness import applied_events, model_names, start_worker, wait_for
 from tests.system.fault_kit import (
     WAIT,
     Feeder,
@@ -317,7 +317,7 @@ def test_sigterm_mid_batch_commits_only_what_was_applied_and_restart_continues(
     assert "Traceback" not in out
     applied_at_stop = applied_events(rclient, prefix)
     assert applied_at_stop < n, "the stop must land mid-stream"
-    committed = committed_offsets(kafka_bootstrap, names.app_id, topic)
+    committed = committed_offsets(kafka_bootstrap, model_names(names, trained_model).group, topic)
     progress = partition_progress(rclient, prefix, topic)
     # commits only what it applied: every committed offset is at most one past the last applied one
     for p, off in committed.items():

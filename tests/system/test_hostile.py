@@ -22,7 +22,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from streams.core.events import ALLOWED_FIELDS, Click, EventDecoder, Limits, Rejected
-from tests.harness import applied_events, consume_all, ml_events, produce, start_worker, wait_for
+from tests.harness import (
+    applied_events,
+    consume_all,
+    ml_events,
+    model_names,
+    produce,
+    start_worker,
+    user_keys,
+    wait_for,
+)
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 REASONS = {
@@ -348,10 +357,10 @@ def test_ten_thousand_bad_events_dead_lettered_good_ones_applied(
     assert got == expected
     assert Counter(r.value for r in dlq) == Counter(bad), "the DLQ must hold the original bytes"
 
-    # no key derived from an unsafe id: every key under the prefix is <prefix><safe id>, and only good users have one
-    prefix = names.redis_prefix
-    keys = [k.decode("utf-8", "replace") for k in rclient.scan_iter(match=prefix + "*", count=1000)]
-    bad_keys = [k for k in keys if not SAFE_ID.match(k[len(prefix) :])]
+    # no key derived from an unsafe id: every user key is <prefix><tag>:<safe id>, and only good users have one
+    prefix = names.redis_prefix + model_names(names, trained_model).tag + ":"
+    keys = [k.decode("utf-8", "replace") for k in user_keys(rclient, names.redis_prefix)]
+    bad_keys = [k for k in keys if not k.startswith(prefix) or not SAFE_ID.match(k[len(prefix) :])]
     assert not bad_keys, bad_keys[:5]
     assert set(keys) == {prefix + e["user_id"] for e in good}
     report = verify_events(stream, session, settings, rclient)

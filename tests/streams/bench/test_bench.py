@@ -33,9 +33,17 @@ NUMBERS = (
     "latency_offered_eps",
     "worker_events_per_cpu_s",
     "worker_events_per_cpu_s_event_path",
+    "backfill_eps",
 )
 QUANTILES = ("latency_ms", "latency_output_ms", "latency_transport_ms", "latency_faust_ms")
-RATIOS = ("product_vs_noop", "product_vs_quix", "batch_vs_event_path", "product_vs_naive", "users_1m_vs_1k")
+RATIOS = (
+    "product_vs_noop",
+    "product_vs_quix",
+    "batch_vs_event_path",
+    "product_vs_naive",
+    "users_1m_vs_1k",
+    "backfill_vs_product",
+)
 
 
 def _positive(value: object) -> bool:

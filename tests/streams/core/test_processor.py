@@ -10,13 +10,19 @@ import pytest
 
 from export.runtime import StepSession
 from streams.core.processor import DLQ_MAX_VALUE, InterestProcessor, RawMessage, default_partition
-from streams.core.state import StateStore
+from streams.core.state import StateStore, user_key, version_tag
+from streams.core.versions import model_version, promote_if_none, set_promoted
 from streams.kafka import ensure_topics, output_producer
 from streams.lookup import bar_chart, get_interests
 from streams.tools.verify import verify_events
 from tests.harness import consume_all, raw_messages
 
 pytestmark = pytest.mark.integration
+
+
+def ukey(settings, user: str) -> str:
+    """The user's hash under the session model's version (the layout's one key builder)."""
+    return user_key(settings.redis_prefix, version_tag(model_version(settings.model_path)), user)
 
 
 @pytest.fixture
@@ -54,16 +60,16 @@ def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
     cats = proc.decoder.decode(msgs[1].value).categories
     feats = session.encoder.encode([cats], np.array([session.encoder.action_index(None)]), np.array([np.nan]))
     p, _, _ = session.step(feats, h, c)
-    got = orjson.loads(rclient.hget(settings.redis_prefix + "b", "probs"))
+    got = orjson.loads(rclient.hget(ukey(settings, "b"), "probs"))
     assert np.max(np.abs(np.asarray(got) - p[0])) <= 1e-6
-    assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
+    assert int(rclient.hget(ukey(settings, "a"), "events")) == 2
 
     # redelivery (same offsets) and a re-send (new offsets, same ids) are both skipped, by a fresh process too
     again = asyncio.run(_run(make(), msgs))
     assert again.applied == 0 and again.duplicates == 3
     resent = asyncio.run(_run(make(), raw_messages(settings, events, start=10)))
     assert resent.applied == 0 and resent.duplicates == 3
-    assert int(rclient.hget(settings.redis_prefix + "a", "events")) == 2
+    assert int(rclient.hget(ukey(settings, "a"), "events")) == 2
 
 
 def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rclient) -> None:
@@ -73,7 +79,7 @@ def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rcli
     proc = InterestProcessor.from_settings(settings, ensure_topics(settings))
     events = [{"user_id": "p", "item_id": str(i), "ts": 100 + i, "event_id": f"p{i}"} for i in range(1, 7)]
     msgs = raw_messages(settings, events)
-    key = settings.redis_prefix + "p"
+    key = ukey(settings, "p")
 
     async def run() -> None:
         producer = output_producer(settings)
@@ -131,7 +137,7 @@ def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
     asyncio.run(_run(first, raw_messages(settings, [e1, e2])))
     # a zombie that saw only e1 (from an empty state) must not overwrite the 2-event state
     zombie = make()
-    key = settings.redis_prefix + "z"
+    key = ukey(settings, "z")
 
     async def zombie_write() -> int:
         rclient.hset(key, "model_version", "x")  # the zombie reads "no state"
@@ -142,17 +148,17 @@ def test_never_older_over_newer_and_version_reset(setup, rclient) -> None:
     assert asyncio.run(zombie_write()) == 1
     assert int(rclient.hget(key, "events")) == 2
     # a state of another model version is reset: the user starts again from the cold-start state
-    rclient.hset(settings.redis_prefix + "z", "model_version", "old-model")
+    rclient.hset(ukey(settings, "z"), "model_version", "old-model")
     plan = asyncio.run(_run(make(), raw_messages(settings, [e2], start=50)))
     assert plan.applied == 1
-    assert int(rclient.hget(settings.redis_prefix + "z", "events")) == 1
+    assert int(rclient.hget(ukey(settings, "z"), "events")) == 1
 
 
 def test_damaged_states_in_redis_are_logged_and_overwritten(setup, rclient, caplog) -> None:
     """A damaged hash (or a key that is no hash) under the prefix must not stop the worker: the user restarts from
     the cold-start state and the next write replaces it; damaged bookkeeping alone keeps the recurrent state."""
     settings, _session, make = setup
-    key = lambda u: settings.redis_prefix + u  # noqa: E731
+    key = lambda u: ukey(settings, u)  # noqa: E731
     users = ["list", "count", "short", "pos"]
     asyncio.run(_run(make(), raw_messages(settings, [{"user_id": u, "item_id": "1", "ts": 1} for u in users])))
     good = rclient.hget(key("pos"), "state")
@@ -214,7 +220,7 @@ def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> N
         f = session.encoder.encode([click.categories], np.array([click.action]), np.array([click.ts - prev]))
         p, h, c = session.step(f, h, c)
         prev = click.ts
-    got = np.asarray(orjson.loads(rclient.hget(settings.redis_prefix + "o", "probs")))
+    got = np.asarray(orjson.loads(rclient.hget(ukey(settings, "o"), "probs")))
     assert np.max(np.abs(got - p[0])) <= 1e-5
     outs = [orjson.loads(v) for k, v in plan.outputs if k == b"o"]
     assert [o["events"] for o in outs] == list(range(1, len(events) + 1))
@@ -223,6 +229,9 @@ def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> N
 def test_lookup_reads_what_the_worker_wrote(setup, rclient) -> None:
     settings, _session, make = setup
     asyncio.run(_run(make(), raw_messages(settings, [{"user_id": "look", "category": "Comedy", "ts": 5}])))
+    assert get_interests("look", settings) is None  # no version promoted: readers see nothing yet
+    assert promote_if_none(rclient, settings, _session.meta.version)
+    assert not promote_if_none(rclient, settings, "another")  # SET NX: the first worker's version stays
     interests = get_interests("look", settings)
     assert interests is not None and interests.events == 1
     assert abs(sum(interests.probs) - 1) < 1e-4
@@ -231,6 +240,9 @@ def test_lookup_reads_what_the_worker_wrote(setup, rclient) -> None:
     assert interests.top[0][0] in chart and "%" in chart
     assert get_interests("nobody", settings) is None
     assert get_interests("bad id*", settings) is None
+    # readers follow the pointer: another version promoted, this version's hash is no longer what they see
+    set_promoted(rclient, settings, "another")
+    assert get_interests("look", settings) is None
 
 
 def test_optional_ttl(settings_for, trained_model, rclient) -> None:
@@ -239,7 +251,7 @@ def test_optional_ttl(settings_for, trained_model, rclient) -> None:
     store = StateStore(settings, session.meta.version, session.meta.hidden_size)
     proc = InterestProcessor(session, store, settings, session.load_catalog(), {settings.input_topic: 4})
     asyncio.run(_run(proc, raw_messages(settings, [{"user_id": "ttl", "category": "Drama", "ts": 5}])))
-    assert 0 < rclient.ttl(settings.redis_prefix + "ttl") <= 600
+    assert 0 < rclient.ttl(ukey(settings, "ttl")) <= 600
 
 
 def test_step_groups_cover_every_user_once_and_merge_cheap_padding() -> None:

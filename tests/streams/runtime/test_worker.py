@@ -6,8 +6,18 @@ import orjson
 import pytest
 
 from export.runtime import StepSession
+from streams.core.state import promoted_key, user_key, versions_key
 from streams.tools.verify import verify_events
-from tests.harness import applied_events, consume_all, ml_events, produce, start_worker, wait_for
+from tests.harness import (
+    applied_events,
+    consume_all,
+    ml_events,
+    model_names,
+    produce,
+    start_worker,
+    user_keys,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +63,15 @@ def test_many_users_match_offline_replay(
     assert len(logs) >= 5 and {"ts", "level", "logger", "message"} <= set(logs[0])
     assert any(rec["logger"].startswith("faust") for rec in logs)
     assert '"message":"worker ready: consuming' in worker.output()  # the start-up hook ran
-    assert (names.data_dir / f"{names.app_id}-data").is_dir()  # Faust's data folder went to INTEREST_DATA_DIR
+    version = model_names(names, trained_model)  # the consumer group and keys derive from the model version
+    assert (names.data_dir / f"{version.group}-data").is_dir()  # Faust's data folder went to INTEREST_DATA_DIR
     users = {e["user_id"] for e in events}
-    keys = {k.decode() for k in rclient.scan_iter(match=names.redis_prefix + "*")}
-    assert keys == {names.redis_prefix + u for u in users}
+    keys = {k.decode() for k in user_keys(rclient, names.redis_prefix)}
+    assert keys == {user_key(names.redis_prefix, version.tag, u) for u in users}
+    # a fresh deployment: the worker promoted its own version and listed it in the registry
+    assert rclient.get(promoted_key(names.redis_prefix)).decode() == version.version
+    entry = orjson.loads(rclient.hget(versions_key(names.redis_prefix), version.version))
+    assert entry["group"] == version.group and entry["tag"] == version.tag
     report = _oracle(events, trained_model, settings_for(), rclient)
     assert report.users == len(users)
 
@@ -67,7 +82,7 @@ def test_many_users_match_offline_replay(
     assert set(rec) >= {"user_id", "probs", "top", "model_version", "event_time", "processed_at", "events"}
     assert out[0].key == rec["user_id"].encode()
     assert abs(sum(rec["probs"]) - 1) < 1e-4
-    stored = rclient.hgetall(names.redis_prefix + rec["user_id"])
+    stored = rclient.hgetall(user_key(names.redis_prefix, version.tag, rec["user_id"]))
     assert {b"probs", b"top", b"event_ts", b"updated_at", b"model_version", b"events", b"state", b"pos"} <= set(stored)
 
 
@@ -166,7 +181,7 @@ def test_wrongly_keyed_events_are_rekeyed_and_applied_in_order(
         wait_for(lambda: worker.metric("interest_rekeyed_total") == len(events), 10, "re-keys counted")
     finally:
         assert worker.stop() == 0
-    rekeyed = consume_all(kafka_bootstrap, names.rekey_topic, len(events))
+    rekeyed = consume_all(kafka_bootstrap, model_names(names, trained_model).rekey_topic, len(events))
     assert sorted(r.value for r in rekeyed) == sorted(orjson.dumps(e) for e in events), "values forwarded unchanged"
     assert all(dict(r.headers) == {"trace-id": b"t-2"} for r in rekeyed), "re-keyed records keep their headers"
     _oracle(events, trained_model, settings_for(), rclient)
