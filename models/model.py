@@ -19,6 +19,8 @@ One step (event features x, see models/features.py for the layout):
 Head: p = w_0 softmax(W h_lstm + U [m_i / |m_i|]) + sum_i w_i m_i / |m_i|, mixture weights w = softmax(V h_lstm)
 (a copy mechanism over the user's own history, which the decayed-histogram baseline shows is strong);
 the output is the mean of the members' p.
+
+One module (~450 lines), as nanoGPT's ``model.py``: the config, every layer and the loss, importing only torch.
 """
 
 from __future__ import annotations

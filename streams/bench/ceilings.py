@@ -78,7 +78,7 @@ class Ceilings(BenchRun):
         import numpy as np
 
         from export.runtime import StepSession, bench
-        from streams.core.processor import BatchStepper
+        from streams.core.stepping import BatchStepper
 
         session = StepSession(self.model, device="cpu", intra_op_threads=1)
         stepper = BatchStepper(session, intra_op_threads=1)

@@ -9,7 +9,7 @@ One call to :meth:`InterestProcessor.prepare` takes a batch of Kafka messages an
 3. drops duplicates: an input position at or below the user's last applied one (redelivery), or a fingerprint among
    the user's recent events (a producer re-send);
 4. steps all users together (:class:`BatchStepper`, in a thread: ORT releases the GIL): each user's events of the
-   batch in order, the users split into a few ORT calls of the Scan sequence graph (:func:`step_groups`);
+   batch in order, the users split into a few ORT calls of the Scan sequence graph (:mod:`streams.core.stepping`);
 5. builds one output record per applied event and one Redis write per user (its newest state only).
 
 Nothing is written by ``prepare``. Given a producer, it hands the batch's records to it at the end (:meth:`send`)
@@ -17,6 +17,9 @@ without waiting for their delivery; :meth:`InterestProcessor.finish` waits for i
 then writes Redis, and the caller (:mod:`streams.runtime.app`) acks after that. The next batch may be prepared
 before that: it builds on the states of the plans not yet written, and its records are delivered after the earlier
 plan's (one batch per partition in flight), so a batch's delivery overlaps the previous batch's Redis write.
+
+One module (~500 lines) because the five phases share one class's bookkeeping (the in-flight states, the caches, the
+metrics) and read best top to bottom; the stepping itself is :mod:`streams.core.stepping`.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from export.runtime import StepSession
-from export.sequence import SequenceSession
 from streams.core.events import Click, EventDecoder, Limits, Rejected
 from streams.core.metrics import Metrics
 from streams.core.state import StateStore, UserState, UserWrite, encode_state
+from streams.core.stepping import BatchStepper
 from streams.kafka import RecordBatches
 from streams.settings import Settings
 
@@ -122,88 +125,7 @@ def default_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-# Cost model of one ORT call over a (users, T) block, measured with `python -m export.sequence --model ...` on the
-# 2-core development machine (one intra-op thread): per time step ~13 us with model.seq.onnx (~28-30 us with the step
-# graph wrapped), plus ~2.8 us per user-step, plus a fixed cost per call (Python, the thread's GIL hand-back while
-# the event loop is busy).
-STEP_S, WRAPPED_STEP_S, USER_STEP_S, CALL_S = 13e-6, 30e-6, 2.8e-6, 1e-3
-
 POINTER_TTL_S = 1.0  # how long the worker trusts its last read of the promoted-version pointer
-
-
-def step_groups(counts: np.ndarray, step_s: float = STEP_S) -> list[np.ndarray]:
-    """Split the users (``counts[u]`` events each in the batch, 0 = absent) into groups stepped by one call each.
-
-    A call costs T * (step_s + USER_STEP_S * users) + CALL_S, T being its longest user's count: padding short users
-    is cheap while a call's fixed costs are not, so users are bucketed by count (1, 2, 3-4, 5-8, ...) and adjacent
-    buckets are merged wherever one call is cheaper than two (an exact split over the buckets, by dynamic
-    programming). ML-100K batches (a few users with bursts of dozens of events) end up in one or two calls.
-    """
-    present = np.flatnonzero(counts > 0)
-    if not len(present):
-        return []
-    bucket = np.ceil(np.log2(counts[present])).astype(np.int64)
-    keys = np.unique(bucket)[::-1]  # longest first
-    members = [present[bucket == k] for k in keys]
-    t = [int(counts[m].max()) for m in members]
-    n = [len(m) for m in members]
-    # best[i]: cheapest cost of the first i buckets; cut[i]: where its last group starts
-    best, cut = [0.0] + [np.inf] * len(keys), [0] * (len(keys) + 1)
-    for i in range(1, len(keys) + 1):
-        users = 0
-        for j in range(i - 1, -1, -1):  # last group = buckets j..i-1, padded to t[j] (the longest)
-            users += n[j]
-            cost = best[j] + t[j] * (step_s + USER_STEP_S * users) + CALL_S
-            if cost < best[i]:
-                best[i], cut[i] = cost, j
-    groups, i = [], len(keys)
-    while i > 0:
-        j = cut[i]
-        groups.append(np.concatenate(members[j:i]))
-        i = j
-    return groups[::-1]
-
-
-class BatchStepper:
-    """Steps every user of a batch through its events of the batch: :func:`step_groups`, then one ORT call a group."""
-
-    def __init__(self, session: StepSession, intra_op_threads: int | None = None) -> None:
-        self.session = session
-        self.sequence = SequenceSession(session, intra_op_threads)
-        self.step_s = STEP_S if self.sequence.kind == "unpacked" else WRAPPED_STEP_S
-
-    def __call__(
-        self, feats: np.ndarray, H: np.ndarray, C: np.ndarray, P: np.ndarray, rounds: np.ndarray, slots: np.ndarray
-    ) -> int:
-        """Step every user through its events of the batch; H and C (one row per user) in place, P (per event) filled.
-
-        Row i is user slots[i]'s event number rounds[i]. The users are split into a few groups (:func:`step_groups`);
-        a group is one call of the sequence graph over a (users, T) block padded to its longest user, or, when all
-        its users have one event, one call of the step graph itself. Returns the number of calls.
-        """
-        counts = np.bincount(slots, minlength=H.shape[0])
-        pos = np.empty(H.shape[0], dtype=np.int64)
-        run = self.sequence.session.run
-        groups = step_groups(counts, self.step_s)
-        for users in groups:
-            t_max = int(counts[users].max())
-            pos.fill(-1)
-            pos[users] = np.arange(len(users))
-            sel = np.flatnonzero(pos[slots] >= 0)  # this group's events, in batch order
-            if t_max == 1:
-                s = slots[sel]
-                P[sel], H[s], C[s] = self.session.session.run(None, {"features": feats[sel], "h": H[s], "c": C[s]})
-                continue
-            gi, ti = pos[slots[sel]], rounds[sel]
-            x = np.zeros((len(users), t_max, feats.shape[1]), dtype=np.float32)
-            x[gi, ti] = feats[sel]
-            mask = np.zeros((len(users), t_max, 1), dtype=bool)
-            mask[gi, ti] = True
-            p, h, c = run(None, {"seq_features": x, "seq_mask": mask, "h0": H[users], "c0": C[users]})
-            H[users] = h
-            C[users] = c
-            P[sel] = p[gi, ti]
-        return len(groups)
 
 
 class BatchStep(Protocol):

@@ -22,6 +22,8 @@ a script of ``HMGET``s). A new owner of a partition just reads the hashes it nee
 | `state`         | recurrent state, float32 little-endian `h` then `c` (2 x hidden_size x 4 B)  |
 | `pos`           | JSON `{"topic:partition": offset}`: last applied input position per source   |
 | `recent`        | 8-byte fingerprints of the last `dedup_window` applied events, concatenated  |
+
+One module (~430 lines) because the key layout, the Lua scripts and the store that runs them change together.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ Frames: a 4-byte big-endian length, then a pickled tuple (both ends are this mod
                       ("metrics", [(metric, labels, method, args), ...])                ("error", text)
 The child exits when the socket closes, and is killed with the worker (PR_SET_PDEATHSIG): a killed worker leaves
 no child behind that could still write.
+
+One module (~400 lines): both ends of the protocol, the worker's proxy and the child, so a frame is read where it
+is written.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ stream over to that version's workers exactly where the backfill stopped.
    event is forwarded to the version's re-key topic, as the worker would, marked with its source so that a restarted
    backfill forwards it once), dedup by position and by the fingerprints of the user's recent events.
 3. Then reads the version's re-key topic partitions of the same numbers to their end, the same way.
-4. Steps the users through the sequence graph in large blocks (:class:`streams.core.processor.BatchStepper`, CUDA
+4. Steps the users through the sequence graph in large blocks (:class:`streams.core.stepping.BatchStepper`, CUDA
    when usable), keeping every state in memory, and writes each user once at the end (the worker's CAS script, so
    a state already there with as many events stays).
 5. Commits, for the version's group, the offsets where it stopped: a worker of the version continues exactly there.

@@ -11,8 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import orjson
 
-from streams.core.processor import BatchStepper
 from streams.core.state import UserState, UserWrite, encode_state
+from streams.core.stepping import BatchStepper
 from streams.settings import Settings
 
 CHUNK_EVENTS = 200_000  # events stepped per block

@@ -255,7 +255,7 @@ def test_optional_ttl(settings_for, trained_model, rclient) -> None:
 
 
 def test_step_groups_cover_every_user_once_and_merge_cheap_padding() -> None:
-    from streams.core.processor import step_groups
+    from streams.core.stepping import step_groups
 
     rng = np.random.default_rng(0)
     for counts in ([1, 1, 1], [250, 3, 60, 1, 1, 2, 5, 0], [0, 0, 4], list(rng.integers(0, 300, 500))):
