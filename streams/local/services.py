@@ -255,8 +255,12 @@ logger.started.level = INFO
 
 
 def _cluster_id() -> str:
-    """A random Kafka cluster id (a UUID, URL-safe base64 without padding, as ``kafka-storage random-uuid``)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random Kafka cluster id (a UUID, URL-safe base64 without padding, as ``kafka-storage random-uuid``), never
+    starting with ``-``, which Kafka's own generator avoids too (the storage tool would read it as an option)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _broker_folder(port: int, run_dir: Path) -> Path:
