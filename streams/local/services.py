@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,8 +314,10 @@ def start_redis(
     persistence: bool = False,
     password: str | None = None,
     timeout: float = 20.0,
+    extra: Sequence[str] = (),
 ) -> Service:
-    """Start redis-server on 127.0.0.1:port (persistence off unless asked: AOF everysec + RDB in run_dir)."""
+    """Start redis-server on 127.0.0.1:port (persistence off unless asked: AOF everysec + RDB in run_dir); ``extra``
+    arguments go last (a cluster node's)."""
     data_dir = (run_dir / f"redis-{port}").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [str(redis_binary()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
@@ -328,6 +330,7 @@ def start_redis(
         argv += ["--appendonly", "no", "--save", ""]
     if password:
         argv += ["--requirepass", password]
+    argv += list(extra)
     svc = _spawn(f"redis-{port}" if run_dir != RUN_DIR else "redis", argv, port, run_dir)
     auth = f":{password}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"

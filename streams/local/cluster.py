@@ -1,0 +1,179 @@
+"""A local Redis Cluster for the tests, the demo and the bench: 3 masters + 3 replicas of Debian's redis-server.
+
+    interest-stream services up --redis-cluster     # nodes on 127.0.0.1:16380-16385, INTEREST_REDIS_CLUSTER=true
+                                                    # INTEREST_REDIS_URL=redis://127.0.0.1:16380/0
+
+Each node is a ``redis-server --cluster-enabled yes`` (its ``nodes.conf`` in its data folder, so a node killed and
+started again on the same port rejoins as itself: as a replica of the replica that took its place). The cluster is
+made by ``redis-cli --cluster create ... --cluster-replicas 1 --cluster-yes``, and is ready once every node says
+``cluster_state:ok`` with all 16384 slots and every replica's link to its master is up. The nodes time out a peer
+after ``node_timeout_ms`` (2 s here, Redis's default is 15 s), so that a killed master's replica takes over in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from models.errors import ServiceError
+from streams.local.services import RUN_DIR, Service, free_port, port_is_free, start_redis, wait_until
+
+LOCAL_CLUSTER_PORTS = tuple(range(16380, 16386))
+NODE_TIMEOUT_MS = 2000
+
+
+def redis_cli() -> Path:
+    found = shutil.which("redis-cli")
+    if not found:
+        raise ServiceError("redis-cli not found; install it with `apt-get install -y redis-tools`")
+    return Path(found)
+
+
+@dataclass
+class LocalCluster:
+    """The nodes of a local Redis Cluster (a :class:`Service` each) and how to reach them."""
+
+    nodes: list[Service]
+    password: str | None = None
+    run_dir: Path = RUN_DIR
+    node_timeout_ms: int = NODE_TIMEOUT_MS
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """A URL naming one node (the cluster client finds the others)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.nodes[0].port}/0"
+
+    def node_client(self, port: int) -> redis.Redis:
+        """A plain (non-cluster) client of one node."""
+        return redis.Redis(port=port, password=self.password, socket_timeout=2, socket_connect_timeout=2)
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.live()[0].port, password=self.password)
+
+    def live(self) -> list[Service]:
+        return [n for n in self.nodes if n.alive()]
+
+    def roles(self) -> dict[int, tuple[str, str]]:
+        """Per live node port: (its node id, "master" or "slave") as the node itself says."""
+        out = {}
+        for n in self.live():
+            with contextlib.closing(self.node_client(n.port)) as c:
+                info = c.info("replication")
+                out[n.port] = (c.execute_command("CLUSTER MYID").decode(), info["role"])
+        return out
+
+    def masters(self) -> list[int]:
+        """Ports of the live masters that own slots (each as it sees itself in CLUSTER NODES)."""
+        ports = []
+        for n in self.live():
+            with contextlib.closing(self.node_client(n.port)) as c:
+                nodes = c.cluster("nodes")  # redis-py parses it: {"host:port@bus": {"flags", "slots", ...}}
+            me = next(v for v in nodes.values() if "myself" in v["flags"])
+            if "master" in me["flags"] and me["slots"]:
+                ports.append(n.port)
+        return sorted(ports)
+
+    def node_id(self, port: int) -> str:
+        with contextlib.closing(self.node_client(port)) as c:
+            return c.execute_command("CLUSTER MYID").decode()
+
+    def healthy(self) -> bool:
+        """Every live node: cluster_state ok, 16384 slots served; every live replica's master link up."""
+        for n in self.live():
+            with contextlib.closing(self.node_client(n.port)) as c:
+                info = c.cluster("info")
+                if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
+                    return False
+                repl = c.info("replication")
+                if repl["role"] == "slave" and repl.get("master_link_status") != "up":
+                    return False
+        return True
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        wait_until(self.healthy, timeout, 0.2, f"Redis Cluster on {[n.port for n in self.nodes]} to be ok")
+
+    def kill(self, port: int) -> Service:
+        """kill -9 one node; returns its service (start it again with :meth:`restart`)."""
+        svc = next(n for n in self.nodes if n.port == port)
+        svc.stop(signal.SIGKILL)
+        return svc
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again on its port and folder: it rejoins with its old id (as a replica if its replica
+        was promoted meanwhile)."""
+        i = next(i for i, n in enumerate(self.nodes) if n.port == port)
+        self.nodes[i] = _start_node(port, self.run_dir, self.password, self.node_timeout_ms, self.extra)
+
+    def reshard(self, source: int, target: int, slots: int, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        """``redis-cli --cluster reshard``: move ``slots`` slots (with their keys) from master ``source`` to master
+        ``target`` (ports)."""
+        argv = [str(redis_cli()), "--cluster", "reshard", f"127.0.0.1:{source}"]
+        argv += ["--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target)]
+        argv += ["--cluster-slots", str(slots), "--cluster-yes"]
+        return _cli(argv, self.password, timeout)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop(timeout=10.0)
+
+
+def _cli(argv: list[str], password: str | None, timeout: float) -> subprocess.CompletedProcess:
+    env = {"REDISCLI_AUTH": password} if password else {}  # not on the command line, where ps shows it
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, **env})
+    if done.returncode != 0:
+        raise ServiceError(f"{' '.join(argv[1:4])} failed: {(done.stderr or done.stdout).strip()[-400:]}")
+    return done
+
+
+def node_port() -> int:
+    """A free port for a cluster node whose bus port (10000 above it, Redis's rule) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port <= 55535 and port_is_free(port + 10000):
+            return port
+    raise ServiceError("no free port pair (port, port + 10000) on 127.0.0.1 for a Redis Cluster node")
+
+
+def _start_node(port: int, run_dir: Path, password: str | None, node_timeout_ms: int, extra: Sequence[str]) -> Service:
+    args = ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+    args += ["--cluster-node-timeout", str(node_timeout_ms)]
+    if password:
+        args += ["--masterauth", password]  # a replica logs in to its master with it
+    return start_redis(port=port, run_dir=run_dir, password=password, extra=[*args, *extra])
+
+
+def start_redis_cluster(
+    ports: Sequence[int] | None = None,
+    run_dir: Path = RUN_DIR,
+    replicas: int = 1,
+    password: str | None = None,
+    node_timeout_ms: int = NODE_TIMEOUT_MS,
+    extra: Sequence[str] = (),
+    timeout: float = 90.0,
+) -> LocalCluster:
+    """Start ``len(ports)`` cluster nodes (default 6 free ports: 3 masters + 3 replicas) on 127.0.0.1, make the cluster
+    (``redis-cli --cluster create``), and wait until it is ok everywhere. Stops what it started if that fails."""
+    ports = list(ports) if ports is not None else [node_port() for _ in range(6)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster([], password, run_dir, node_timeout_ms, list(extra))
+    try:
+        for port in ports:
+            cluster.nodes.append(_start_node(port, run_dir, password, node_timeout_ms, extra))
+        argv = [str(redis_cli()), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+        argv += ["--cluster-replicas", str(replicas), "--cluster-yes"]
+        _cli(argv, password, timeout)
+        cluster.wait_healthy(timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
