@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("streams.tools.verify", "replay the log offline through the model and compare with Redis"),
     "bench": ("streams.bench.run", "benchmark the worker against ceilings and a naive design"),
     "demo": ("streams.local.demo", "services, model, worker and replay on ML-100K, with live distributions"),
-    "services": ("streams.local.services", "start/stop the local broker and Redis"),
+    "services": ("streams.local.cluster", "start/stop the local broker and Redis (or a Redis Cluster)"),
 }
 
 

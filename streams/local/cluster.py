@@ -12,6 +12,7 @@ after ``node_timeout_ms`` (2 s here, Redis's default is 15 s), so that a killed 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 import redis
 
 from models.errors import ServiceError
+from streams.local import services
 from streams.local.services import RUN_DIR, Service, free_port, port_is_free, start_redis, wait_until
 
 LOCAL_CLUSTER_PORTS = tuple(range(16380, 16386))
@@ -149,7 +151,8 @@ def _start_node(port: int, run_dir: Path, password: str | None, node_timeout_ms:
     args += ["--cluster-node-timeout", str(node_timeout_ms)]
     if password:
         args += ["--masterauth", password]  # a replica logs in to its master with it
-    return start_redis(port=port, run_dir=run_dir, password=password, extra=[*args, *extra])
+    name = f"redis-cluster-{port}"
+    return start_redis(port=port, run_dir=run_dir, password=password, extra=[*args, *extra], name=name)
 
 
 def start_redis_cluster(
@@ -167,13 +170,66 @@ def start_redis_cluster(
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster([], password, run_dir, node_timeout_ms, list(extra))
     try:
+        # nodes started before in this folder know their cluster already (nodes.conf): they re-form it themselves
+        made = all((run_dir / f"redis-{p}" / f"nodes-{p}.conf").exists() for p in ports)
         for port in ports:
             cluster.nodes.append(_start_node(port, run_dir, password, node_timeout_ms, extra))
-        argv = [str(redis_cli()), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
-        argv += ["--cluster-replicas", str(replicas), "--cluster-yes"]
-        _cli(argv, password, timeout)
+        if not made:
+            argv = [str(redis_cli()), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+            argv += ["--cluster-replicas", str(replicas), "--cluster-yes"]
+            _cli(argv, password, timeout)
         cluster.wait_healthy(timeout)
     except BaseException:
         cluster.stop()
         raise
     return cluster
+
+
+# --- interest-stream services up|down|status [--redis-cluster] ------------------------------------------------------
+
+
+def cluster_pids(run_dir: Path) -> dict[int, int]:
+    """Per port, the pid of each local cluster node started by ``services up --redis-cluster`` (alive or not)."""
+    out = {}
+    for f in sorted(run_dir.glob("redis-cluster-*.pid")):
+        known = services.read_pid_file(f)
+        if known:
+            out[known[1]] = known[0]
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    services.add_arguments(parser)
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help=f"a local Redis Cluster (3 masters + 3 replicas on 127.0.0.1:{LOCAL_CLUSTER_PORTS[0]}-"
+        f"{LOCAL_CLUSTER_PORTS[-1]}) instead of the single Redis",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.redis_cluster:
+        return services.run(args)
+    run_dir: Path = args.run_dir
+    pids = cluster_pids(run_dir)
+    alive = {port for port, pid in pids.items() if services.pid_alive(pid)}
+    if args.action == "up":
+        services.services_up(run_dir, redis=False)
+        if alive == set(LOCAL_CLUSTER_PORTS):
+            print(f"redis cluster: already running on 127.0.0.1:{LOCAL_CLUSTER_PORTS[0]}-{LOCAL_CLUSTER_PORTS[-1]}")
+        else:
+            cluster = start_redis_cluster([p for p in LOCAL_CLUSTER_PORTS if p not in alive], run_dir)
+            print(f"redis cluster: up, {len(cluster.masters())} masters; use INTEREST_REDIS_CLUSTER=true "
+                  f"INTEREST_REDIS_URL=redis://127.0.0.1:{LOCAL_CLUSTER_PORTS[0]}/0")  # fmt: skip
+        return 0
+    if args.action == "down":
+        services.services_down(run_dir, redis=False)
+        for port, pid in pids.items():
+            services.stop_pid(pid, timeout=10.0)
+            (run_dir / f"redis-cluster-{port}.pid").unlink(missing_ok=True)
+        print(f"redis cluster: {len(alive)} nodes stopped")
+        return 0
+    broker = services.services_status(run_dir, redis=False)
+    print(f"redis cluster: {len(alive)} of {len(LOCAL_CLUSTER_PORTS)} nodes running")
+    return broker if len(alive) == len(LOCAL_CLUSTER_PORTS) else 1

@@ -315,6 +315,7 @@ def start_redis(
     password: str | None = None,
     timeout: float = 20.0,
     extra: Sequence[str] = (),
+    name: str | None = None,
 ) -> Service:
     """Start redis-server on 127.0.0.1:port (persistence off unless asked: AOF everysec + RDB in run_dir); ``extra``
     arguments go last (a cluster node's)."""
@@ -331,7 +332,7 @@ def start_redis(
     if password:
         argv += ["--requirepass", password]
     argv += list(extra)
-    svc = _spawn(f"redis-{port}" if run_dir != RUN_DIR else "redis", argv, port, run_dir)
+    svc = _spawn(name or (f"redis-{port}" if run_dir != RUN_DIR else "redis"), argv, port, run_dir)
     auth = f":{password}@" if password else ""
     url = f"redis://{auth}127.0.0.1:{port}/0"
     try:
@@ -424,12 +425,12 @@ def read_pid_file(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def services_up(run_dir: Path = RUN_DIR) -> None:
-    """Bring the local broker and Redis up (idempotent: running ones are left alone)."""
+def services_up(run_dir: Path = RUN_DIR, redis: bool = True) -> None:
+    """Bring the local broker and Redis (unless not ``redis``) up (idempotent: running ones are left alone)."""
     for name, start, port in (
         ("broker", start_broker, LOCAL_KAFKA_PORT),
         ("redis", start_redis, LOCAL_REDIS_PORT),
-    ):
+    )[: 2 if redis else 1]:
         known = read_pid_file(run_dir / f"{name}.pid")
         if known and pid_alive(known[0]):
             print(f"{name}: already running (pid {known[0]}, 127.0.0.1:{known[1]})")
@@ -438,9 +439,9 @@ def services_up(run_dir: Path = RUN_DIR) -> None:
         print(f"{name}: up on {svc.address} (pid {svc.pid}, log {svc.log})")
 
 
-def services_down(run_dir: Path = RUN_DIR) -> None:
+def services_down(run_dir: Path = RUN_DIR, redis: bool = True) -> None:
     """Stop what ``services_up`` started."""
-    for name in ("broker", "redis"):
+    for name in ("broker", "redis")[: 2 if redis else 1]:
         pid_file = run_dir / f"{name}.pid"
         known = read_pid_file(pid_file)
         if known and pid_alive(known[0]):
@@ -451,10 +452,10 @@ def services_down(run_dir: Path = RUN_DIR) -> None:
         pid_file.unlink(missing_ok=True)
 
 
-def services_status(run_dir: Path = RUN_DIR) -> int:
+def services_status(run_dir: Path = RUN_DIR, redis: bool = True) -> int:
     """Print each service's state; 0 when both run."""
     ok = True
-    for name in ("broker", "redis"):
+    for name in ("broker", "redis")[: 2 if redis else 1]:
         known = read_pid_file(run_dir / f"{name}.pid")
         running = bool(known and pid_alive(known[0]))
         ok &= running
