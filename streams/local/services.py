@@ -256,7 +256,10 @@ logger.started.level = INFO
 
 def _cluster_id() -> str:
     """A random Kafka cluster id (a UUID, URL-safe base64 without padding, as ``kafka-storage random-uuid``)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:  # one in 64 starts with "-", which kafka-storage's argument parser takes for an option
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _broker_folder(port: int, run_dir: Path) -> Path:
