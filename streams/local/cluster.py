@@ -85,6 +85,21 @@ class LocalCluster:
                 ports.append(n.port)
         return sorted(ports)
 
+    def replica_of(self, port: int) -> Service:
+        """The live replica of the master on ``port``."""
+        for n in self.live():
+            with contextlib.closing(self.node_client(n.port)) as c:
+                info = c.info("replication")
+            if info["role"] == "slave" and int(info["master_port"]) == port:
+                return n
+        raise ServiceError(f"the master on {port} has no live replica")
+
+    def slots_of(self, port: int) -> int:
+        """How many slots the node on ``port`` serves, as it sees itself."""
+        with contextlib.closing(self.node_client(port)) as c:
+            me = next(v for v in c.cluster("nodes").values() if "myself" in v["flags"])
+        return sum(int(r[-1]) - int(r[0]) + 1 for r in me["slots"])
+
     def node_id(self, port: int) -> str:
         with contextlib.closing(self.node_client(port)) as c:
             return c.execute_command("CLUSTER MYID").decode()
