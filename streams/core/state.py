@@ -186,7 +186,9 @@ def startup_failure(
     """Whether a failed PING at start-up is final: a refused login or a missing permission will not fix itself, so
     at once; anything else (Redis still starting, a network blip) once ``deadline`` (monotonic) has passed. The
     error names the URL with its password masked; None means: retry."""
-    denied = isinstance(exc, AuthenticationError | NoPermissionError)
+    # a cluster client wraps what the nodes answered (a refused login too) in a RedisClusterException
+    cause = exc.__cause__ if isinstance(exc, RedisClusterException) and exc.__cause__ else exc
+    denied = isinstance(cause, AuthenticationError | NoPermissionError)
     if denied or time.monotonic() > deadline:
         return ServiceError(f"cannot reach Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
     return None

@@ -50,6 +50,11 @@ class LocalCluster:
     extra: list[str] = field(default_factory=list)
 
     @property
+    def address(self) -> str:
+        """host:port of the first node (the one the URL names)."""
+        return self.nodes[0].address
+
+    @property
     def url(self) -> str:
         """A URL naming one node (the cluster client finds the others)."""
         auth = f":{self.password}@" if self.password else ""
