@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     redis_wait_replicas: int = Field(0, ge=0, le=16)
     """After a batch's writes, ``WAIT`` until this many replicas (of each master written) have them before the batch
     is acked; 0 acks once the master has them (a failover can then lose the last writes)."""
-    redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
-    """How long one ``WAIT`` blocks; a shortfall is retried (with backoff), never acked."""
+    redis_wait_timeout_ms: int = Field(1000, ge=1, le=4000)
+    """How long one ``WAIT`` blocks (below the client's 5 s socket timeout); a shortfall is retried, never acked."""
 
     # --- Model -------------------------------------------------------------------------------------------------
     model_path: Path = DEFAULT_MODEL_PATH

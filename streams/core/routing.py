@@ -161,17 +161,14 @@ class ClusterRouter:
             node.release(conn)
 
     def _wait_short(self, node: ClusterNode):
-        tries = [0]
-
         async def short(acked: int) -> None:
-            delay = min(0.05 * 2 ** tries[0], self.retry_max_s)
-            tries[0] += 1
+            # the WAIT's own timeout paces the retries: a short pause, so that a replica back is noticed at once
             self.on_retry()
             log.warning(
-                "redis WAIT on %s: %s of %d replicas acknowledged within %d ms; waiting again in %.2fs",
-                node.name, acked, self.wait, self.wait_timeout_ms, delay,
+                "redis WAIT on %s: %s of %d replicas acknowledged within %d ms; waiting again",
+                node.name, acked, self.wait, self.wait_timeout_ms,
             )  # fmt: skip
-            await asyncio.sleep(delay)
+            await asyncio.sleep(0.05)
 
         return short
 

@@ -2,7 +2,8 @@
 
 Key ``<prefix><user_id>`` (a hash). The worker writes every field of a user in one ``HSET`` inside a Lua script that
 refuses to go backwards (fewer applied events than stored, same model version); one script call writes up to 256
-users, and a batch's calls go out in one pipeline (reads likewise, through a script of ``HMGET``s). A new owner of
+users, and a batch's calls go out in one pipeline (reads likewise, through a script of ``HMGET``s; on a Redis Cluster
+one call per hash slot and one round trip per master, :mod:`streams.core.routing`). A new owner of
 a partition just reads the hashes it needs (no changelog restore).
 
 | field           | what                                                                         |
