@@ -48,6 +48,7 @@ class LocalCluster:
     run_dir: Path = RUN_DIR
     node_timeout_ms: int = NODE_TIMEOUT_MS
     extra: list[str] = field(default_factory=list)
+    tls: tuple[Path, Path] | None = None  # (certificate = its own CA, key): every port, the bus and replication TLS
 
     @property
     def address(self) -> str:
@@ -58,14 +59,18 @@ class LocalCluster:
     def url(self) -> str:
         """A URL naming one node (the cluster client finds the others)."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.nodes[0].port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.nodes[0].port}/0"
+
+    def _tls(self) -> dict:
+        return {"ssl": True, "ssl_ca_certs": str(self.tls[0])} if self.tls else {}
 
     def node_client(self, port: int) -> redis.Redis:
         """A plain (non-cluster) client of one node."""
-        return redis.Redis(port=port, password=self.password, socket_timeout=2, socket_connect_timeout=2)
+        opts = {"socket_timeout": 2, "socket_connect_timeout": 2, **self._tls()}
+        return redis.Redis(host="127.0.0.1", port=port, password=self.password, **opts)
 
     def client(self) -> redis.RedisCluster:
-        return redis.RedisCluster(host="127.0.0.1", port=self.live()[0].port, password=self.password)
+        return redis.RedisCluster(host="127.0.0.1", port=self.live()[0].port, password=self.password, **self._tls())
 
     def live(self) -> list[Service]:
         return [n for n in self.nodes if n.alive()]
@@ -134,14 +139,14 @@ class LocalCluster:
         """Start a killed node again on its port and folder: it rejoins with its old id (as a replica if its replica
         was promoted meanwhile)."""
         i = next(i for i, n in enumerate(self.nodes) if n.port == port)
-        self.nodes[i] = _start_node(port, self.run_dir, self.password, self.node_timeout_ms, self.extra)
+        self.nodes[i] = _start_node(port, self.run_dir, self.password, self.node_timeout_ms, self.extra, self.tls)
 
     def reshard(self, source: int, target: int, slots: int, timeout: float = 300.0) -> subprocess.CompletedProcess:
         """``redis-cli --cluster reshard``: move ``slots`` slots (with their keys) from master ``source`` to master
         ``target`` (ports)."""
         argv = [str(redis_cli()), "--cluster", "reshard", f"127.0.0.1:{source}"]
         argv += ["--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target)]
-        argv += ["--cluster-slots", str(slots), "--cluster-yes"]
+        argv += ["--cluster-slots", str(slots), "--cluster-yes", *_cli_tls(self.tls)]
         return _cli(argv, self.password, timeout)
 
     def stop(self) -> None:
@@ -166,13 +171,26 @@ def node_port() -> int:
     raise ServiceError("no free port pair (port, port + 10000) on 127.0.0.1 for a Redis Cluster node")
 
 
-def _start_node(port: int, run_dir: Path, password: str | None, node_timeout_ms: int, extra: Sequence[str]) -> Service:
+def _cli_tls(tls: tuple[Path, Path] | None) -> list[str]:
+    return ["--tls", "--cacert", str(tls[0])] if tls else []
+
+
+def _start_node(
+    port: int,
+    run_dir: Path,
+    password: str | None,
+    node_timeout_ms: int,
+    extra: Sequence[str],
+    tls: tuple[Path, Path] | None = None,
+) -> Service:
     args = ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
     args += ["--cluster-node-timeout", str(node_timeout_ms)]
     if password:
         args += ["--masterauth", password]  # a replica logs in to its master with it
+    if tls:
+        args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
     name = f"redis-cluster-{port}"
-    return start_redis(port=port, run_dir=run_dir, password=password, extra=[*args, *extra], name=name)
+    return start_redis(port=port, run_dir=run_dir, password=password, extra=[*args, *extra], name=name, tls=tls)
 
 
 def start_redis_cluster(
@@ -183,20 +201,21 @@ def start_redis_cluster(
     node_timeout_ms: int = NODE_TIMEOUT_MS,
     extra: Sequence[str] = (),
     timeout: float = 90.0,
+    tls: tuple[Path, Path] | None = None,
 ) -> LocalCluster:
     """Start ``len(ports)`` cluster nodes (default 6 free ports: 3 masters + 3 replicas) on 127.0.0.1, make the cluster
     (``redis-cli --cluster create``), and wait until it is ok everywhere. Stops what it started if that fails."""
     ports = list(ports) if ports is not None else [node_port() for _ in range(6)]
     run_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster([], password, run_dir, node_timeout_ms, list(extra))
+    cluster = LocalCluster([], password, run_dir, node_timeout_ms, list(extra), tls)
     try:
         # nodes started before in this folder know their cluster already (nodes.conf): they re-form it themselves
         made = all((run_dir / f"redis-{p}" / f"nodes-{p}.conf").exists() for p in ports)
         for port in ports:
-            cluster.nodes.append(_start_node(port, run_dir, password, node_timeout_ms, extra))
+            cluster.nodes.append(_start_node(port, run_dir, password, node_timeout_ms, extra, tls))
         if not made:
             argv = [str(redis_cli()), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
-            argv += ["--cluster-replicas", str(replicas), "--cluster-yes"]
+            argv += ["--cluster-replicas", str(replicas), "--cluster-yes", *_cli_tls(tls)]
             _cli(argv, password, timeout)
         cluster.wait_healthy(timeout)
     except BaseException:

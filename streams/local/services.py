@@ -123,11 +123,11 @@ def kafka_answers(bootstrap: str) -> bool:
         admin.close()
 
 
-def redis_answers(url: str) -> bool:
-    """True when Redis answers PING."""
+def redis_answers(url: str, **options: object) -> bool:
+    """True when Redis answers PING (``options`` go to the client: a TLS CA)."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1, **options)
     try:
         return bool(client.ping())
     finally:
@@ -319,12 +319,18 @@ def start_redis(
     timeout: float = 20.0,
     extra: Sequence[str] = (),
     name: str | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> Service:
     """Start redis-server on 127.0.0.1:port (persistence off unless asked: AOF everysec + RDB in run_dir); ``extra``
-    arguments go last (a cluster node's)."""
+    arguments go last (a cluster node's). With ``tls`` (a certificate, its own CA, and its key) the port speaks TLS
+    only (``rediss://``; clients are not asked for certificates)."""
     data_dir = (run_dir / f"redis-{port}").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(redis_binary()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
+    listen = ["--port", str(port)]
+    if tls:
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls[0]), "--tls-key-file"]
+        listen += [str(tls[1]), "--tls-ca-cert-file", str(tls[0]), "--tls-auth-clients", "no"]
+    argv = [str(redis_binary()), "--bind", "127.0.0.1", *listen, "--dir", str(data_dir)]
     argv += ["--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"]
     # a user's hash (one 1 KB state field) stays a compact listpack: ~1.9 KB instead of ~2.7 KB per user
     argv += ["--hash-max-listpack-value", "2048"]
@@ -337,9 +343,10 @@ def start_redis(
     argv += list(extra)
     svc = _spawn(name or (f"redis-{port}" if run_dir != RUN_DIR else "redis"), argv, port, run_dir)
     auth = f":{password}@" if password else ""
-    url = f"redis://{auth}127.0.0.1:{port}/0"
+    url = f"{'rediss' if tls else 'redis'}://{auth}127.0.0.1:{port}/0"
+    ca = {"ssl_ca_certs": str(tls[0])} if tls else {}
     try:
-        wait_until(lambda: svc.alive() and redis_answers(url), timeout, 0.1, f"Redis on {svc.address}")
+        wait_until(lambda: svc.alive() and redis_answers(url, **ca), timeout, 0.1, f"Redis on {svc.address}")
     except ServiceError:
         svc.stop(signal.SIGKILL)
         raise ServiceError(f"Redis did not come up on {svc.address}; see {svc.log}") from None

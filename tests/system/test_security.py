@@ -334,6 +334,62 @@ def test_secrets_never_leak_into_logs_metrics_or_cli_output(
     admin.close()
 
 
+def server_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not available to make a server certificate")
+    cert, key = tmp_path / "redis.pem", tmp_path / "redis.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["single", "cluster"])
+def test_worker_lookup_and_verify_over_tls(mode, names, kafka_bootstrap, trained_model, data_dir, tmp_path):
+    """``rediss://`` with INTEREST_REDIS_SSL_CA_CERTS: one Redis, or a cluster whose every port, bus and replication
+    link is TLS; the worker applies, lookup and verify read; a client without the CA is refused with one line."""
+    cert, key = server_cert(tmp_path)
+    if mode == "single":
+        svc = start_redis(free_port(), tmp_path / "redis", tls=(cert, key))
+        stop, redis_env = svc.stop, {}
+        admin = redis.Redis.from_url(f"rediss://{svc.address}/0", ssl_ca_certs=str(cert))
+    else:
+        cluster = start_redis_cluster(run_dir=tmp_path / "cluster", tls=(cert, key))
+        svc, stop, redis_env = cluster, cluster.stop, {"INTEREST_REDIS_CLUSTER": "true"}
+        admin = cluster.client()
+    try:
+        url = f"rediss://{svc.address}/0"
+        extra = {"INTEREST_REDIS_SSL_CA_CERTS": str(cert), **redis_env}
+        events = ml_events(data_dir, 300)
+        w = start_worker(names, kafka_bootstrap, url, trained_model, tmp_path / "w", **extra)
+        try:
+            produce(kafka_bootstrap, names.input_topic, events)
+            wait_for(lambda: applied_events(admin, names.redis_prefix) == 300, 120, "events applied over TLS")
+        finally:
+            assert w.stop() == 0, w.output()[-3000:]
+        env = worker_env(names, kafka_bootstrap, url, trained_model, **extra)
+        res = cli(env, "verify", "--dataset", "movielens-100k", "--data", str(data_dir / "ml-100k"), "--limit", "300")
+        assert res.returncode == 0 and res.stdout.startswith("OK:"), res.stdout + res.stderr
+        res = cli(env, "lookup", events[0]["user_id"], "--json")
+        assert res.returncode == 0 and '"probs"' in res.stdout, res.stderr
+        no_ca = {k: v for k, v in env.items() if k != "INTEREST_REDIS_SSL_CA_CERTS"}
+        res = cli(no_ca, "lookup", events[0]["user_id"])
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and "cannot read Redis at" in lines[0], res.stderr[-2000:]
+    finally:
+        admin.close()
+        stop()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_worker_with_wrong_redis_password_exits_with_a_clear_line(
