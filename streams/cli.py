@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dump": ("streams.tools.dump", "write the retained input log as the generic CSV, to retrain on"),
     "bench": ("streams.bench.run", "benchmark the worker against ceilings and a naive design"),
     "demo": ("streams.local.demo", "services, model, worker and replay on ML-100K, with live distributions"),
-    "services": ("streams.local.services", "start/stop the local broker and Redis"),
+    "services": ("streams.local.cluster", "start/stop the local broker and Redis (or a Redis Cluster)"),
 }
 
 

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     try:
         interests = get_interests(args.user_id, settings)
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # a cluster client's own, too
         from models.errors import ServiceError
         from streams.settings import redact_url
 

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     """Expire a user's key this many seconds after its last update; 0 keeps keys forever."""
     redis_retry_max_s: float = Field(30.0, gt=0)
     """Longest pause between retries while Redis is unreachable (the worker retries forever, backing off)."""
+    redis_cluster: bool = False
+    """The URL names one node of a Redis Cluster: keys are routed by hash slot (MOVED/ASK followed)."""
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    """After a batch's writes, ``WAIT`` until this many replicas (of each master written) have them before the batch
+    is acked; 0 acks once the master has them (a failover can then lose the last writes)."""
+    redis_wait_timeout_ms: int = Field(1000, ge=1, le=4000)
+    """How long one ``WAIT`` blocks (below the client's 5 s socket timeout); a shortfall is retried, never acked."""
 
     # --- Model -------------------------------------------------------------------------------------------------
     model_path: Path = DEFAULT_MODEL_PATH

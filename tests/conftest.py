@@ -2,7 +2,9 @@
 
 Services come from the environment when ``INTEREST_TEST_KAFKA`` / ``INTEREST_TEST_REDIS`` are set (e.g. the
 docker-compose services); otherwise Apache Kafka (KRaft, one node, its log in the session's temporary folder) and
-redis-server are started here on free ports and stopped at the end.
+redis-server are started here on free ports and stopped at the end. A Redis Cluster (3 masters + 3 replicas) is
+started only for the tests that ask for ``redis_cluster_url``, or taken from ``INTEREST_TEST_REDIS_CLUSTER`` (a URL
+naming one node); tests that kill or reshard nodes start clusters of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import redis
 
 from models.data import SHARED_DATA
+from streams.local.cluster import LocalCluster, start_redis_cluster
 from streams.local.services import free_port, start_broker, start_redis
 from tests.model_fixtures import trained_model  # noqa: F401  (session fixture: small ML-100K model, exported)
 
@@ -49,6 +52,30 @@ def redis_url(run_dir: Path) -> Iterator[str]:
     svc = start_redis(port=free_port(), run_dir=run_dir)
     yield f"redis://{svc.address}/0"
     svc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(run_dir: Path) -> Iterator[LocalCluster | None]:
+    """The session's local Redis Cluster (None when INTEREST_TEST_REDIS_CLUSTER names an external one)."""
+    if os.environ.get("INTEREST_TEST_REDIS_CLUSTER"):
+        yield None
+        return
+    cluster = start_redis_cluster(run_dir=run_dir / "cluster")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: LocalCluster | None) -> str:
+    """URL of one node of a real Redis Cluster (use with INTEREST_REDIS_CLUSTER=true)."""
+    return os.environ.get("INTEREST_TEST_REDIS_CLUSTER") or redis_cluster.url  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def cluster_client(redis_cluster_url: str) -> Iterator[redis.RedisCluster]:
+    client = redis.RedisCluster.from_url(redis_cluster_url)
+    yield client
+    client.close()
 
 
 @dataclass(frozen=True)

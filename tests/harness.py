@@ -132,6 +132,17 @@ def applied_events(client, prefix: str, tag: str | None = None) -> int:
     return sum(int(v or 0) for v in pipe.execute())
 
 
+def redis_target(request, mode: str) -> tuple[str, object, dict[str, str], dict[str, object]]:
+    """For tests run against one Redis and a Redis Cluster alike (``mode``: "single" or "cluster"): the URL, a client
+    (a ``RedisCluster`` for the cluster), the worker's extra INTEREST_* variables and the settings overrides. The
+    cluster fixtures are asked for only in cluster mode, so a single-Redis run starts no cluster."""
+    if mode == "single":
+        return request.getfixturevalue("redis_url"), request.getfixturevalue("rclient"), {}, {}
+    url = request.getfixturevalue("redis_cluster_url")
+    client = request.getfixturevalue("cluster_client")
+    return url, client, {"INTEREST_REDIS_CLUSTER": "true"}, {"redis_url": url, "redis_cluster": True}
+
+
 def ml_events(data_dir: Path, limit: int, users: int | None = None) -> list[dict]:
     """The first ``limit`` ML-100K events as the replay tool produces them (optionally only ``users`` users)."""
     from models.data import load_dataset

@@ -44,6 +44,13 @@ with the model of ``--model`` (default: ``build_default_model()``; ``--quick``: 
    costs a Redis read, a cold start and a new key); worker RSS (psutil, worker + step process, max during the run)
    and Redis bytes per user (``INFO memory`` used_memory delta / ``DBSIZE`` of the run's db).
 
+6. the state tier (``streams/bench/cluster.py``): the 1-worker product on a local 3-master Redis Cluster (3 replicas)
+   started beside the single Redis, with ``INTEREST_REDIS_WAIT_REPLICAS`` 0 and 1, and on the single Redis with one
+   replica and WAIT 1 (``cluster_product_eps_1w``, ``cluster_wait1_product_eps_1w``, ``wait1_product_eps_1w``);
+   ``cluster_redis_pipeline_eps``; produce -> Redis quantiles on the cluster at the offered rate of 4
+   (``cluster_latency_ms``, ``cluster_wait1_latency_ms``); ``user_bytes``: ``MEMORY USAGE`` and ``HSTRLEN`` per field
+   of a light (3 events) and a heavy (300 events) user's hash.
+
 With profiling on (default in the full run), an extra one-worker product run is sampled with ``py-spy record``
 (the worker and its step process, raw, ``DIR/profile-1w.txt``) and the top functions land in ``bench.json["profile"]``.
 Outputs: ``DIR/bench.json``, ``DIR/bench.md`` (table, targets, pass/fail), ``DIR/bench.png`` (throughput bars and

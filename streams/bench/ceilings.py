@@ -133,13 +133,13 @@ class Ceilings(BenchRun):
         }
 
     # ---- 1d: Redis pipelined writes ---------------------------------------------------------------------------------
-    def redis_pipeline(self, total: int) -> dict:
+    def redis_pipeline(self, total: int, **env_extra: str) -> dict:
         import numpy as np
         import orjson
 
         from streams.core.state import StateStore, UserState, UserWrite, encode_state
 
-        env = self.names("redis")
+        env = self.names("redis") | env_extra
         settings = self.settings(env)
 
         async def go() -> dict:

@@ -40,6 +40,13 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "users_1m_eps": round(r["u1m"]["eps"]),
         "rss_mb": max(r["u1m"]["rss_mb"]),
         "redis_bytes_per_user": round(r["u1m"]["redis_bytes_per_user"]),
+        "cluster_product_eps_1w": round(r["p1_cluster"]["eps"]),
+        "cluster_wait1_product_eps_1w": round(r["p1_cluster_wait1"]["eps"]),
+        "wait1_product_eps_1w": round(r["p1_wait1"]["eps"]),
+        "cluster_redis_pipeline_eps": round(r["redis_cluster"]["eps"]),
+        "cluster_latency_ms": r["latency_cluster"]["redis_ms"],
+        "cluster_wait1_latency_ms": r["latency_cluster_wait1"]["redis_ms"],
+        "user_bytes": r["user_bytes"],
         "ratios": {
             "product_vs_noop": ratio(r["p1"]["eps"], r["noop"]["eps"]),
             "product_vs_quix": ratio(r["p1"]["eps"], r["quix"]["eps"]),
@@ -49,6 +56,9 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
             "product_2w_vs_1w": ratio(r["p2"]["eps"], r["p1"]["eps"]),
             "product_vs_aiokafka_raw": ratio(r["p1"]["eps"], r["raw"]["eps"]),
             "backfill_vs_product": ratio(r["backfill"]["eps"], r["p1"]["eps"]),
+            "cluster_vs_single": ratio(r["p1_cluster"]["eps"], r["p1"]["eps"]),
+            "cluster_wait1_vs_wait0": ratio(r["p1_cluster_wait1"]["eps"], r["p1_cluster"]["eps"]),
+            "single_wait1_vs_wait0": ratio(r["p1_wait1"]["eps"], r["p1"]["eps"]),
         },
     }
     ratios = out["ratios"]
@@ -95,6 +105,10 @@ def write_markdown(path: Path, res: dict) -> None:
         ("naive (per event ORT + Redis + awaited send)", f"{res['naive_eps']:,}", f"{d['naive']['events']:,} events"),
         ("product, 1,000 users", f"{res['users_1k_eps']:,}", f"{d['u1k']['redis_keys']:,} keys"),
         ("product, 1,000,000-id space", f"{res['users_1m_eps']:,}", f"{d['u1m']['redis_keys']:,} distinct users"),
+        ("product, 1 worker, single Redis, WAIT 1", f"{res['wait1_product_eps_1w']:,}", "one replica"),
+        ("product, 1 worker, 3-master Redis Cluster", f"{res['cluster_product_eps_1w']:,}", "3 masters + 3 replicas"),
+        ("product, 1 worker, Redis Cluster, WAIT 1", f"{res['cluster_wait1_product_eps_1w']:,}", "WAIT per master"),
+        ("StateStore.write on the cluster", f"{res['cluster_redis_pipeline_eps']:,}", "writes/s, per-master rounds"),
     ]
     t = res["targets"]
     r = res["ratios"]
@@ -138,6 +152,18 @@ def write_markdown(path: Path, res: dict) -> None:
         f"Memory at the 1M-id run: worker RSS (with its step process) {res['rss_mb']} MB, "
         f"Redis {res['redis_bytes_per_user']:,} B/user "
         f"(~{res['redis_bytes_per_user'] * 1e6 / 2**30:.1f} GiB for 1M users).",
+        "",
+        f"Redis Cluster (3 masters + 3 replicas, loopback) at the same offered rate: produce -> Redis p50 "
+        f"{res['cluster_latency_ms']['p50']} / p99 {res['cluster_latency_ms']['p99']} ms; with WAIT 1 p50 "
+        f"{res['cluster_wait1_latency_ms']['p50']} / p99 {res['cluster_wait1_latency_ms']['p99']} ms.",
+        "",
+        "Bytes per user (`MEMORY USAGE`, field lengths by `HSTRLEN`): "
+        + "; ".join(
+            f"{u} ({b['events']} events, {b['encoding']}) {b['memory_usage']:,} B: "
+            + ", ".join(f"{f} {n}" for f, n in b["field_bytes"].items())
+            for u, b in ((u, res["user_bytes"][u]) for u in ("light", "heavy"))
+        )
+        + ".",
         "",
         "## Targets",
         "",

@@ -13,6 +13,7 @@ from typing import Any
 from models.data import ML100K
 from streams.bench.backfill import Backfills
 from streams.bench.ceilings import Ceilings
+from streams.bench.cluster import ClusterJobs
 from streams.bench.common import Plan, log, stop_all
 from streams.bench.latency import Latencies
 from streams.bench.product import Products
@@ -21,7 +22,7 @@ from streams.bench.report import build_result, write_markdown, write_plot
 from streams.bench.workloads import PRODUCER_LINGER_MS, looped_events, scale_events
 
 
-class Bench(Ceilings, Products, Latencies, Backfills):
+class Bench(Ceilings, Products, Latencies, Backfills, ClusterJobs):
     """Every measurement, on the processes and names of one run."""
 
 
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from export.onnx_export import build_default_model
     from models.data import load_dataset
+    from streams.local.cluster import start_redis_cluster
     from streams.local.services import KAFKA_HEAP, free_port, kafka_version, start_broker, start_redis
 
     t_start = time.perf_counter()
@@ -56,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     run_dir = out / "logs" / "services"
     broker = start_broker(port=free_port(), run_dir=run_dir)
     rsvc = start_redis(port=free_port(), run_dir=run_dir)
+    # a replica of the single Redis, for its WAIT 1 run, and the 3+3 cluster, both beside it for the whole run
+    replica = start_redis(port=free_port(), run_dir=run_dir, extra=["--replicaof", "127.0.0.1", str(rsvc.port)])
+    cluster = start_redis_cluster(run_dir=run_dir / "cluster")
     bench.bootstrap, bench.redis_base = broker.address, f"redis://{rsvc.address}"
+    bench.cluster_url = cluster.url
     bench.service_pids = {"broker": broker.pid, "redis": rsvc.pid}
     meta: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -91,10 +97,12 @@ def run(args: argparse.Namespace) -> int:
         per_event = bench.names("pe", topic) | {"INTEREST_BATCH_PATH": "false"}
         r["p1_events"] = bench.product(per_event, n, 1, "product-1w-event-path")
         r["backfill"] = bench.backfill(ds, plan.quick)
+        r["user_bytes"] = bench.user_bytes()
         r["naive"] = bench.naive(topic, plan.naive_events)
         r["latency"] = bench.latency(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["floor"] = bench.latency_floor(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
         r["faust_latency"] = bench.latency_faust(ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
+        r |= bench.cluster_runs(topic, n, ds, r["p1"]["eps"] / 2, plan.latency_seconds, plan.latency_warmup)
 
         for tag, users in (("u1k", 1000), ("u1m", 1_000_000)):
             env = bench.names(tag)
@@ -109,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_all(bench.procs, 10)
         broker.stop()
+        cluster.stop()
+        replica.stop()
         rsvc.stop()
 
     meta["seconds"] = round(time.perf_counter() - t_start, 1)

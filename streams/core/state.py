@@ -9,7 +9,8 @@ Keys (the layout the README documents for other services; this module is the one
 User ids never contain ':', so no user's key can be the pointer or the registry. The worker writes every field of a
 user in one ``HSET`` inside a Lua script that refuses to go backwards (fewer applied events than stored, same model
 version); one script call writes up to 256 users, and a batch's calls go out in one pipeline (reads likewise, through
-a script of ``HMGET``s). A new owner of a partition just reads the hashes it needs (no changelog restore).
+a script of ``HMGET``s; on a Redis Cluster one call per hash slot and one round trip per master,
+:mod:`streams.core.routing`). A new owner of a partition just reads the hashes it needs (no changelog restore).
 
 | field           | what                                                                         |
 |-----------------|------------------------------------------------------------------------------|
@@ -45,11 +46,19 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, DataError, NoPermissionError, NoScriptError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    DataError,
+    NoPermissionError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.errors import ServiceError
+from streams.core.routing import ClusterRouter, chunks, send_pooled, slot_groups
 from streams.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -180,11 +189,15 @@ def decode_state(values: Sequence[bytes | None], version: str, hidden: int) -> t
     return st, f"unreadable {', '.join(problems)} (dropped)" if problems else ""
 
 
-def startup_failure(settings: Settings, exc: RedisError, deadline: float) -> ServiceError | None:
+def startup_failure(
+    settings: Settings, exc: RedisError | RedisClusterException, deadline: float
+) -> ServiceError | None:
     """Whether a failed PING at start-up is final: a refused login or a missing permission will not fix itself, so
     at once; anything else (Redis still starting, a network blip) once ``deadline`` (monotonic) has passed. The
     error names the URL with its password masked; None means: retry."""
-    denied = isinstance(exc, AuthenticationError | NoPermissionError)
+    # a cluster client wraps what the nodes answered (a refused login too) in a RedisClusterException
+    cause = exc.__cause__ if isinstance(exc, RedisClusterException) and exc.__cause__ else exc
+    denied = isinstance(cause, AuthenticationError | NoPermissionError)
     if denied or time.monotonic() > deadline:
         return ServiceError(f"cannot reach Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
     return None
@@ -245,10 +258,13 @@ class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
+def redis_client(settings: Settings) -> aioredis.Redis | aioredis.RedisCluster:
     """An asyncio Redis client from the settings, without redis-py's own retries (10 by default, with backoff):
     the StateStore retries itself, counted in ``interest_redis_retries_total`` and logged. Replies are parsed and
-    commands packed by hiredis."""
+    commands packed by hiredis. With ``redis_cluster``, a cluster client that finds every node from the URL's one
+    (the store sends its script calls itself, :mod:`streams.core.routing`)."""
+    if settings.redis_cluster:
+        return aioredis.RedisCluster.from_url(settings.redis_url, **redis_options(settings))
     scheme = settings.redis_url.split("://", 1)[0]
     packing: dict[str, dict[str, Any]] = {
         "redis": {"connection_class": _Connection},
@@ -284,6 +300,17 @@ class StateStore:
         self.cache_size = settings.cache_size
         self._write_sha = sha1_hex(CAS_WRITE)
         self._read_sha = sha1_hex(READ_STATES)
+        self.wait = settings.redis_wait_replicas
+        self.router: ClusterRouter | None = None
+        if settings.redis_cluster:
+            self.router = ClusterRouter(
+                self.client,  # type: ignore[arg-type]  # a RedisCluster in cluster mode
+                (CAS_WRITE, READ_STATES),
+                self.wait,
+                settings.redis_wait_timeout_ms,
+                settings.redis_retry_max_s,
+                self._count_retry,
+            )
         self.stale_writes = 0
         self.corrupt_states = 0  # damaged states read (logged; see decode_state)
 
@@ -304,22 +331,52 @@ class StateStore:
                 await self.load_scripts()
                 log.info("redis connected: %s", redact_url(self.settings.redis_url))
                 return
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:
                 failure = startup_failure(self.settings, exc, deadline)
                 if failure is not None:
                     raise failure from None
                 await asyncio.sleep(0.5)
 
     async def load_scripts(self) -> None:
-        """SCRIPT LOAD the read and write scripts (again after a Redis restart: NOSCRIPT)."""
+        """SCRIPT LOAD the read and write scripts (again after a Redis restart: NOSCRIPT); on every master of a
+        cluster."""
+        if self.router is not None:
+            await self.router.load_scripts()
+            return
         await self.client.script_load(CAS_WRITE)
         await self.client.script_load(READ_STATES)
 
-    async def _scripts(self, what: str, calls: Sequence[tuple[str, list[str], Sequence[Any]]]) -> list:
-        """Run script calls ``(sha, keys, args)`` in one pipeline, retrying while Redis is unreachable and loading
-        the scripts once if Redis lost them; returns the replies, in order."""
+    def _count_retry(self) -> None:
+        if self.metrics:
+            self.metrics.redis_retries.inc()
+
+    async def _wait_short(self, acked: int) -> None:
+        """A WAIT came back short of ``redis_wait_replicas``: not an ack; count, log, back off, WAIT again."""
+        self._count_retry()
+        log.warning("redis WAIT: %s of %d replicas acknowledged; waiting again", acked, self.wait)
+        await asyncio.sleep(0.05)
+
+    def _groups(self, keys: Sequence[str]) -> list[list[int]]:
+        """Which keys share a script call: any 256 on one Redis; only keys of one hash slot on a cluster."""
+        if self.router is not None:
+            return slot_groups(keys, SCRIPT_KEYS)
+        return chunks(len(keys), SCRIPT_KEYS)
+
+    async def _scripts(
+        self, what: str, calls: Sequence[tuple[str, list[str], Sequence[Any]]], write: bool = False
+    ) -> list:
+        """Run script calls ``(sha, keys, args)`` in one pipeline (one per master of a cluster), retrying while Redis
+        is unreachable and loading the scripts once if Redis lost them; returns the replies, in order. A write is
+        done once ``redis_wait_replicas`` replicas have it (``WAIT`` on the connection that sent it)."""
+        router = self.router
+        held = write and self.wait > 0
 
         async def send():
+            if router is not None:
+                return await router.send(calls, write)
+            if held:
+                timeout = self.settings.redis_wait_timeout_ms
+                return await send_pooled(self.client, calls, self.wait, timeout, self._wait_short)
             pipe = self.client.pipeline(transaction=False)
             for sha, keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
@@ -370,12 +427,13 @@ class StateStore:
             else:
                 out[u] = st
         if missing:
-            key = self.key
-            calls = [
-                (self._read_sha, [key(u) for u in missing[i : i + SCRIPT_KEYS]], STATE_FIELDS)
-                for i in range(0, len(missing), SCRIPT_KEYS)
-            ]
-            rows = [row for reply in await self._scripts("read", calls) for row in reply]
+            keys = [self.key(u) for u in missing]
+            groups = self._groups(keys)
+            calls = [(self._read_sha, [keys[i] for i in g], STATE_FIELDS) for g in groups]
+            rows: list[Any] = [None] * len(missing)
+            for g, reply in zip(groups, await self._scripts("read", calls), strict=True):
+                for i, row in zip(g, reply, strict=True):
+                    rows[i] = row
             for u, row in zip(missing, rows, strict=True):
                 out[u], problem = decode_state(row, self.version, self.hidden)
                 if problem:
@@ -393,16 +451,20 @@ class StateStore:
             return 0
         t0 = time.perf_counter()
         head = [self.version, self.ttl, 8 * self.hidden, len(WRITE_FIELDS), *WRITE_FIELDS]
+        groups = self._groups([w.key for w in writes])
         calls = []
-        for i in range(0, len(writes), SCRIPT_KEYS):
-            chunk = writes[i : i + SCRIPT_KEYS]
+        for g in groups:
+            chunk = [writes[i] for i in g]
             args = list(head)
             for w in chunk:
                 fields = w.fields
                 args.append(w.events)
                 args.extend([fields[f] for f in WRITE_FIELDS])
             calls.append((self._write_sha, [w.key for w in chunk], args))
-        results = [ok for reply in await self._scripts("write", calls) for ok in reply]
+        results: list[Any] = [0] * len(writes)
+        for g, reply in zip(groups, await self._scripts("write", calls, write=True), strict=True):
+            for i, ok in zip(g, reply, strict=True):
+                results[i] = ok
         stale = 0
         cache = self.cache
         prefix_len = len(self.key(""))
@@ -427,5 +489,9 @@ class StateStore:
 
 
 def sync_client(settings: Settings) -> redis.Redis:
-    """A blocking Redis client from the settings (same options as the worker's)."""
+    """A blocking Redis client from the settings (same options as the worker's); a cluster client (routing every
+    command by its key's slot, following MOVED/ASK) with ``redis_cluster``. Connecting to a cluster reads its slot
+    map at once, so this can raise a RedisError (or RedisClusterException) itself."""
+    if settings.redis_cluster:
+        return redis.RedisCluster.from_url(settings.redis_url, **redis_options(settings))  # type: ignore[return-value]
     return redis.Redis.from_url(settings.redis_url, **redis_options(settings))

@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,11 +123,11 @@ def kafka_answers(bootstrap: str) -> bool:
         admin.close()
 
 
-def redis_answers(url: str) -> bool:
-    """True when Redis answers PING."""
+def redis_answers(url: str, **options: object) -> bool:
+    """True when Redis answers PING (``options`` go to the client: a TLS CA)."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1, **options)
     try:
         return bool(client.ping())
     finally:
@@ -255,9 +255,8 @@ logger.started.level = INFO
 
 
 def _cluster_id() -> str:
-    """A random Kafka cluster id (a UUID, URL-safe base64 without padding, as ``kafka-storage random-uuid``), never
-    starting with ``-``, which Kafka's own generator avoids too (the storage tool would read it as an option)."""
-    while True:
+    """A random Kafka cluster id (a UUID, URL-safe base64 without padding, as ``kafka-storage random-uuid``)."""
+    while True:  # one in 64 starts with "-", which kafka-storage's argument parser takes for an option
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cid.startswith("-"):
             return cid
@@ -318,11 +317,20 @@ def start_redis(
     persistence: bool = False,
     password: str | None = None,
     timeout: float = 20.0,
+    extra: Sequence[str] = (),
+    name: str | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> Service:
-    """Start redis-server on 127.0.0.1:port (persistence off unless asked: AOF everysec + RDB in run_dir)."""
+    """Start redis-server on 127.0.0.1:port (persistence off unless asked: AOF everysec + RDB in run_dir); ``extra``
+    arguments go last (a cluster node's). With ``tls`` (a certificate, its own CA, and its key) the port speaks TLS
+    only (``rediss://``; clients are not asked for certificates)."""
     data_dir = (run_dir / f"redis-{port}").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(redis_binary()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
+    listen = ["--port", str(port)]
+    if tls:
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls[0]), "--tls-key-file"]
+        listen += [str(tls[1]), "--tls-ca-cert-file", str(tls[0]), "--tls-auth-clients", "no"]
+    argv = [str(redis_binary()), "--bind", "127.0.0.1", *listen, "--dir", str(data_dir)]
     argv += ["--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"]
     # a user's hash (one 1 KB state field) stays a compact listpack: ~1.9 KB instead of ~2.7 KB per user
     argv += ["--hash-max-listpack-value", "2048"]
@@ -332,11 +340,13 @@ def start_redis(
         argv += ["--appendonly", "no", "--save", ""]
     if password:
         argv += ["--requirepass", password]
-    svc = _spawn(f"redis-{port}" if run_dir != RUN_DIR else "redis", argv, port, run_dir)
+    argv += list(extra)
+    svc = _spawn(name or (f"redis-{port}" if run_dir != RUN_DIR else "redis"), argv, port, run_dir)
     auth = f":{password}@" if password else ""
-    url = f"redis://{auth}127.0.0.1:{port}/0"
+    url = f"{'rediss' if tls else 'redis'}://{auth}127.0.0.1:{port}/0"
+    ca = {"ssl_ca_certs": str(tls[0])} if tls else {}
     try:
-        wait_until(lambda: svc.alive() and redis_answers(url), timeout, 0.1, f"Redis on {svc.address}")
+        wait_until(lambda: svc.alive() and redis_answers(url, **ca), timeout, 0.1, f"Redis on {svc.address}")
     except ServiceError:
         svc.stop(signal.SIGKILL)
         raise ServiceError(f"Redis did not come up on {svc.address}; see {svc.log}") from None
@@ -425,12 +435,12 @@ def read_pid_file(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def services_up(run_dir: Path = RUN_DIR) -> None:
-    """Bring the local broker and Redis up (idempotent: running ones are left alone)."""
+def services_up(run_dir: Path = RUN_DIR, redis: bool = True) -> None:
+    """Bring the local broker and Redis (unless not ``redis``) up (idempotent: running ones are left alone)."""
     for name, start, port in (
         ("broker", start_broker, LOCAL_KAFKA_PORT),
         ("redis", start_redis, LOCAL_REDIS_PORT),
-    ):
+    )[: 2 if redis else 1]:
         known = read_pid_file(run_dir / f"{name}.pid")
         if known and pid_alive(known[0]):
             print(f"{name}: already running (pid {known[0]}, 127.0.0.1:{known[1]})")
@@ -439,9 +449,9 @@ def services_up(run_dir: Path = RUN_DIR) -> None:
         print(f"{name}: up on {svc.address} (pid {svc.pid}, log {svc.log})")
 
 
-def services_down(run_dir: Path = RUN_DIR) -> None:
+def services_down(run_dir: Path = RUN_DIR, redis: bool = True) -> None:
     """Stop what ``services_up`` started."""
-    for name in ("broker", "redis"):
+    for name in ("broker", "redis")[: 2 if redis else 1]:
         pid_file = run_dir / f"{name}.pid"
         known = read_pid_file(pid_file)
         if known and pid_alive(known[0]):
@@ -452,10 +462,10 @@ def services_down(run_dir: Path = RUN_DIR) -> None:
         pid_file.unlink(missing_ok=True)
 
 
-def services_status(run_dir: Path = RUN_DIR) -> int:
+def services_status(run_dir: Path = RUN_DIR, redis: bool = True) -> int:
     """Print each service's state; 0 when both run."""
     ok = True
-    for name in ("broker", "redis"):
+    for name in ("broker", "redis")[: 2 if redis else 1]:
         known = read_pid_file(run_dir / f"{name}.pid")
         running = bool(known and pid_alive(known[0]))
         ok &= running

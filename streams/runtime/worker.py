@@ -34,20 +34,20 @@ def check_redis(settings: Settings, timeout: float = 30.0) -> None:
 
     from streams.core.state import startup_failure, sync_client
 
-    client = sync_client(settings)
     deadline = time.monotonic() + timeout
-    try:
-        while True:
+    while True:
+        try:
+            client = sync_client(settings)  # a cluster client connects here already
             try:
                 client.ping()
                 return
-            except redis.RedisError as exc:
-                failure = startup_failure(settings, exc, deadline)
-                if failure is not None:
-                    raise failure from None
-                time.sleep(0.5)
-    finally:
-        client.close()
+            finally:
+                client.close()
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            failure = startup_failure(settings, exc, deadline)
+            if failure is not None:
+                raise failure from None
+            time.sleep(0.5)
 
 
 def register_version(settings: Settings, version: Version, log: logging.Logger) -> None:

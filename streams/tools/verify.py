@@ -129,17 +129,20 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(**({"model_path": args.model} if args.model else {}))
     session = StepSession(settings.model_path, device="cpu")
     ds = load_dataset(args.dataset, args.data, args.items)
-    client = sync_client(settings)
+    client = None
     try:
+        client = sync_client(settings)  # a cluster client connects here already
         report = verify_events(
             wire_events(ds, args.limit, args.loops, args.users), session, settings, client, tolerance=args.tolerance
         )
-    except redis.RedisError as exc:  # one clear line (password masked), as lookup does, not a traceback
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # one clear line, password masked
+        cause = exc.__cause__ if isinstance(exc, redis.exceptions.RedisClusterException) and exc.__cause__ else exc
         raise ServiceError(
-            f"cannot read Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}"
+            f"cannot read Redis at {redact_url(settings.redis_url)}: {type(cause).__name__}: {exc}"
         ) from None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     print(report.summary())
     for u, want, got in report.wrong_count[:5]:
         print(f"  user {u}: expected {want} events applied, Redis says {got}")

@@ -28,6 +28,7 @@ from tests.harness import (
     ml_events,
     model_names,
     produce,
+    redis_target,
     start_worker,
     user_keys,
     wait_for,
@@ -292,14 +293,16 @@ def bad_corpus(good: list[dict], cats: list[str], future: float) -> list[bytes]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["single", "cluster"])
 def test_ten_thousand_bad_events_dead_lettered_good_ones_applied(
-    names, kafka_bootstrap, redis_url, trained_model, data_dir, rclient, settings_for, tmp_path
+    mode, request, names, kafka_bootstrap, trained_model, data_dir, settings_for, tmp_path
 ):
     from export.runtime import StepSession
     from streams.core.processor import decoder_for
     from streams.tools.verify import verify_events
 
-    settings = settings_for()
+    redis_url, rclient, redis_env, overrides = redis_target(request, mode)
+    settings = settings_for(**overrides)
     session = StepSession(trained_model, device="cpu")
     decoder = decoder_for(session, settings, session.load_catalog())
     good = ml_events(data_dir, 4000)
@@ -333,7 +336,7 @@ def test_ten_thousand_bad_events_dead_lettered_good_ones_applied(
         return str(uid).encode("utf-8", "replace")[:1000] if uid is not None else None
 
     t0 = time.monotonic()
-    worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
+    worker = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path, **redis_env)
     try:
         produce(kafka_bootstrap, names.input_topic, stream, key=key)
         wait_for(lambda: applied_events(rclient, names.redis_prefix) == len(good), 180, "good events applied")

@@ -24,6 +24,7 @@ import orjson
 import pytest
 import redis
 
+from streams.local.cluster import start_redis_cluster
 from streams.local.services import free_port, start_redis
 from streams.settings import Settings, redact_url
 from tests.conftest import REPO
@@ -212,26 +213,37 @@ def test_redis_options_take_acl_user_password_and_tls_ca():
 # --- end to end ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def secret_redis(tmp_path):
+@pytest.fixture(params=["single", "cluster"])
+def secret_redis(request, tmp_path):
+    """A password-protected Redis, or Redis Cluster (3 + 3 nodes, the replicas logging in with it): (service,
+    password, extra worker variables, ports of every node)."""
     password = "rpw-" + uuid.uuid4().hex
-    svc = start_redis(free_port(), tmp_path / "redis", password=password)
-    yield svc, password
-    svc.stop()
+    if request.param == "single":
+        svc = start_redis(free_port(), tmp_path / "redis", password=password)
+        yield svc, password, {}, [svc.port]
+        svc.stop()
+        return
+    cluster = start_redis_cluster(run_dir=tmp_path / "cluster", password=password)
+    yield cluster, password, {"INTEREST_REDIS_CLUSTER": "true"}, [n.port for n in cluster.nodes]
+    cluster.stop()
 
 
-def readme_acl_line(admin: redis.Redis, password: str, prefix: str) -> list[str]:
-    """The README's least-privilege ACL line, for this password and key prefix.
+def readme_acl_lines(admin: redis.Redis, password: str, prefix: str, cluster: bool) -> list[list[str]]:
+    """The README's least-privilege ACL line, for this password and key prefix (and on a cluster the README's line
+    that adds what the cluster client needs).
 
     ``+client|setinfo`` exists from Redis 7.2 on; older servers (Debian's 7.0) reject the rule, so it is dropped
     there (redis-py ignores a refused CLIENT SETINFO)."""
     text = (REPO / "README.md").read_text()
-    line = next(ln.strip() for ln in text.splitlines() if ln.strip().startswith("ACL SETUSER interest "))
-    args = line.replace(">CHANGE-ME", f">{password}").replace("~interest:*", f"~{prefix}*").split()
-    major, minor = (int(x) for x in admin.info("server")["redis_version"].split(".")[:2])
-    if (major, minor) < (7, 2):
-        args = [a for a in args if a.lower() != "+client|setinfo"]
-    return args
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("ACL SETUSER interest ")]
+    out = []
+    for line in lines[: 2 if cluster else 1]:
+        args = line.replace(">CHANGE-ME", f">{password}").replace("~interest:*", f"~{prefix}*").split()
+        major, minor = (int(x) for x in admin.info("server")["redis_version"].split(".")[:2])
+        if (major, minor) < (7, 2):
+            args = [a for a in args if a.lower() != "+client|setinfo"]
+        out.append(args)
+    return out
 
 
 @pytest.mark.integration
@@ -239,14 +251,17 @@ def readme_acl_line(admin: redis.Redis, password: str, prefix: str) -> list[str]
 def test_secrets_never_leak_into_logs_metrics_or_cli_output(
     names, kafka_bootstrap, trained_model, data_dir, secret_redis, tmp_path
 ):
-    svc, redis_pw = secret_redis
+    svc, redis_pw, redis_env, ports = secret_redis
     sasl_pw = "spw-" + uuid.uuid4().hex
     acl_pw = "apw-" + uuid.uuid4().hex
     secrets = (redis_pw, sasl_pw, acl_pw)
     url = f"redis://:{redis_pw}@{svc.address}/0"
-    admin = redis.Redis.from_url(url)
-    # the README's least-privilege line, for this test's key prefix
-    admin.execute_command(*readme_acl_line(admin, acl_pw, names.redis_prefix))
+    # the README's least-privilege line, for this test's key prefix, on every node (ACLs are per node)
+    for port in ports:
+        with redis.Redis(port=port, password=redis_pw) as node:
+            for args in readme_acl_lines(node, acl_pw, names.redis_prefix, bool(redis_env)):
+                node.execute_command(*args)
+    admin = redis.RedisCluster.from_url(url) if redis_env else redis.Redis.from_url(url)
     acl_url = f"redis://interest:{acl_pw}@{svc.address}/0"
 
     events = ml_events(data_dir, 500)
@@ -254,6 +269,7 @@ def test_secrets_never_leak_into_logs_metrics_or_cli_output(
         "INTEREST_KAFKA_SASL_USERNAME": "bob",
         "INTEREST_KAFKA_SASL_PASSWORD": sasl_pw,
         "INTEREST_LOG_LEVEL": "DEBUG",
+        **redis_env,
     }
     w1 = start_worker(names, kafka_bootstrap, url, trained_model, tmp_path / "w1", **extra)
     try:
@@ -318,12 +334,68 @@ def test_secrets_never_leak_into_logs_metrics_or_cli_output(
     admin.close()
 
 
+def server_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not available to make a server certificate")
+    cert, key = tmp_path / "redis.pem", tmp_path / "redis.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["single", "cluster"])
+def test_worker_lookup_and_verify_over_tls(mode, names, kafka_bootstrap, trained_model, data_dir, tmp_path):
+    """``rediss://`` with INTEREST_REDIS_SSL_CA_CERTS: one Redis, or a cluster whose every port, bus and replication
+    link is TLS; the worker applies, lookup and verify read; a client without the CA is refused with one line."""
+    cert, key = server_cert(tmp_path)
+    if mode == "single":
+        svc = start_redis(free_port(), tmp_path / "redis", tls=(cert, key))
+        stop, redis_env = svc.stop, {}
+        admin = redis.Redis.from_url(f"rediss://{svc.address}/0", ssl_ca_certs=str(cert))
+    else:
+        cluster = start_redis_cluster(run_dir=tmp_path / "cluster", tls=(cert, key))
+        svc, stop, redis_env = cluster, cluster.stop, {"INTEREST_REDIS_CLUSTER": "true"}
+        admin = cluster.client()
+    try:
+        url = f"rediss://{svc.address}/0"
+        extra = {"INTEREST_REDIS_SSL_CA_CERTS": str(cert), **redis_env}
+        events = ml_events(data_dir, 300)
+        w = start_worker(names, kafka_bootstrap, url, trained_model, tmp_path / "w", **extra)
+        try:
+            produce(kafka_bootstrap, names.input_topic, events)
+            wait_for(lambda: applied_events(admin, names.redis_prefix) == 300, 120, "events applied over TLS")
+        finally:
+            assert w.stop() == 0, w.output()[-3000:]
+        env = worker_env(names, kafka_bootstrap, url, trained_model, **extra)
+        res = cli(env, "verify", "--dataset", "movielens-100k", "--data", str(data_dir / "ml-100k"), "--limit", "300")
+        assert res.returncode == 0 and res.stdout.startswith("OK:"), res.stdout + res.stderr
+        res = cli(env, "lookup", events[0]["user_id"], "--json")
+        assert res.returncode == 0 and '"probs"' in res.stdout, res.stderr
+        no_ca = {k: v for k, v in env.items() if k != "INTEREST_REDIS_SSL_CA_CERTS"}
+        res = cli(no_ca, "lookup", events[0]["user_id"])
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and "cannot read Redis at" in lines[0], res.stderr[-2000:]
+    finally:
+        admin.close()
+        stop()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_worker_with_wrong_redis_password_exits_with_a_clear_line(
     names, kafka_bootstrap, trained_model, secret_redis, tmp_path
 ):
-    svc, redis_pw = secret_redis
+    svc, redis_pw, redis_env, _ = secret_redis
     wrong = "wrong-" + uuid.uuid4().hex
     w = start_worker(
         names,
@@ -333,6 +405,7 @@ def test_worker_with_wrong_redis_password_exits_with_a_clear_line(
         tmp_path,
         ready=False,
         INTEREST_LOG_LEVEL="DEBUG",
+        **redis_env,
     )
     t0 = time.monotonic()
     code = w.proc.wait(timeout=120)
