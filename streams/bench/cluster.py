@@ -61,7 +61,7 @@ class ClusterJobs(BenchRun):
 
         from export.runtime import StepSession
         from streams.core.processor import InterestProcessor, RawMessage
-        from streams.core.state import WRITE_FIELDS, StateStore
+        from streams.core.state import WRITE_FIELDS, StateStore, user_key, version_tag
 
         env = self.names("bytes") | env_extra
         settings = self.settings(env)
@@ -85,7 +85,7 @@ class ClusterJobs(BenchRun):
                             "ts": 1000 + 60 * k,
                             "event_id": f"{u}{k}",
                         }
-                        msgs.append(RawMessage(settings.input_topic, 0, offset, u.encode(), orjson.dumps(ev), 0.0))
+                        msgs.append(RawMessage(settings.input_topic, 0, offset, u.encode(), orjson.dumps(ev), -1.0))
                         offset += 1
                 await proc.write(await proc.prepare(msgs))
             await store.close()
@@ -95,7 +95,7 @@ class ClusterJobs(BenchRun):
         out: dict = {"hidden": session.meta.hidden_size, "categories": len(session.meta.categories)}
         try:
             for u, count in users.items():
-                key = settings.redis_prefix + u
+                key = user_key(settings.redis_prefix, version_tag(session.meta.version), u)
                 fields = {f: int(client.hstrlen(key, f)) for f in WRITE_FIELDS}
                 out[u] = {
                     "events": count,
