@@ -14,35 +14,29 @@ from streams.bench.harness import BenchRun
 
 
 class Ceilings(BenchRun):
-    # ---- 1a: Faust no-op -------------------------------------------------------------------------------------------
-    def faust_noop(self, topic: str, n: int) -> dict:
-        result = self.logs / "noop-result.json"
+    def no_op(self, command: str, tag: str, topic: str, n: int, what: str) -> dict:
+        """Run a hidden no-op subcommand (``python -m streams.bench COMMAND``) over ``n`` events; its result file."""
+        result = self.logs / f"{tag}-result.json"
         result.unlink(missing_ok=True)
-        args = ("--topic", topic, "--group", f"bench-{self.run_id}-noop", "--expect", str(n), "--result", str(result))
-        proc = self.spawn("noop-worker", *args)
+        args = ("--topic", topic, "--group", f"bench-{self.run_id}-{tag}", "--expect", str(n), "--result", str(result))
+        proc = self.spawn(command, *args)
         try:
-            wait_for(lambda: result.is_file() or proc.poll() is not None, 60 + n / 2000, "the Faust no-op agent", 0.2)
+            wait_for(lambda: result.is_file() or proc.poll() is not None, 60 + n / 2000, what, 0.2)
         finally:
             stop_all([proc], 10)
         if not result.is_file():
-            raise ServiceError(f"noop worker failed; see {self.logs / 'noop-worker.log'}")
-        r = json.loads(result.read_text())
+            raise ServiceError(f"{what} failed; see {self.logs / f'{command}.log'}")
+        return json.loads(result.read_text())
+
+    # ---- 1a: Faust no-op -------------------------------------------------------------------------------------------
+    def faust_noop(self, topic: str, n: int) -> dict:
+        r = self.no_op("noop-worker", "noop", topic, n, "the Faust no-op agent")
         eps = (r["events"] - r["first_batch"]) / max(r["last"] - r["first"], 1e-9)
         return {"eps": eps, "events": r["events"], "seconds": r["last"] - r["first"], "batches": r["batches"]}
 
     # ---- 1a': the peer framework: a Quix Streams no-op application --------------------------------------------------
     def quix_noop(self, topic: str, n: int) -> dict:
-        result = self.logs / "quix-result.json"
-        result.unlink(missing_ok=True)
-        args = ("--topic", topic, "--group", f"bench-{self.run_id}-quix", "--expect", str(n), "--result", str(result))
-        proc = self.spawn("quix-noop", *args)
-        try:
-            wait_for(lambda: result.is_file() or proc.poll() is not None, 60 + n / 2000, "the Quix Streams no-op", 0.2)
-        finally:
-            stop_all([proc], 10)
-        if not result.is_file():
-            raise ServiceError(f"the Quix Streams no-op failed; see {self.logs / 'quix-noop.log'}")
-        r = json.loads(result.read_text())
+        r = self.no_op("quix-noop", "quix", topic, n, "the Quix Streams no-op")
         return {"eps": (r["events"] - 1) / max(r["last"] - r["first"], 1e-9), "events": r["events"]}
 
     # ---- 1b: aiokafka raw -------------------------------------------------------------------------------------------
