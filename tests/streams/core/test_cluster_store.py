@@ -15,7 +15,7 @@ from redis.crc import key_slot
 from export.runtime import StepSession
 from streams.core.processor import InterestProcessor
 from streams.core.routing import slot_groups
-from streams.core.state import StateStore
+from streams.core.state import StateStore, promoted_key, user_key, version_tag
 from streams.local.services import free_port, start_redis, wait_until
 from streams.lookup import get_interests
 from streams.tools.verify import verify_events
@@ -78,16 +78,17 @@ def test_batches_on_the_cluster_match_the_oracle_on_every_master(
     # the users are spread over every master, each on the one its slot says
     per_node = {n.name: n.redis_connection.dbsize() for n in cluster_client.get_primaries()}
     assert len(per_node) == 3 and all(v > 0 for v in per_node.values()), per_node
+    cluster_client.set(promoted_key(settings.redis_prefix), session.meta.version)  # what a worker does at start
     got = get_interests("u5", settings)
     assert got is not None and got.events == 5
 
 
-def _same_slot_users(prefix: str, n: int) -> list[str]:
+def _same_slot_users(prefix: str, tag: str, n: int) -> list[str]:
     """``n`` user ids whose keys share one hash slot (found by search: the key layout is the state module's)."""
     by_slot: dict[int, list[str]] = {}
     for i in range(200_000):
         u = f"s{i}"
-        same = by_slot.setdefault(key_slot((prefix + u).encode()), [])
+        same = by_slot.setdefault(key_slot(user_key(prefix, tag, u).encode()), [])
         same.append(u)
         if len(same) == n:
             return same
@@ -101,12 +102,13 @@ def test_store_follows_a_slot_migration_tryagain_ask_then_moved(settings_for, re
     if redis_cluster is None:
         pytest.skip("needs the local cluster (moves a slot by hand)")
     settings = settings_for(redis_url=redis_cluster.url, redis_cluster=True)
-    u1, u2 = _same_slot_users(settings.redis_prefix, 2)
-    k1, k2 = settings.redis_prefix + u1, settings.redis_prefix + u2
+    proc, session = _processor(settings, trained_model)
+    tag = version_tag(session.meta.version)
+    u1, u2 = _same_slot_users(settings.redis_prefix, tag, 2)
+    k1, k2 = user_key(settings.redis_prefix, tag, u1), user_key(settings.redis_prefix, tag, u2)
     slot = key_slot(k1.encode())
     ev = lambda u, k: {"user_id": u, "category": "Drama", "ts": 100 + k, "event_id": f"{u}{k}"}  # noqa: E731
     first = [ev(u1, 0), ev(u2, 0)]
-    proc, session = _processor(settings, trained_model)
     asyncio.run(_apply(proc, raw_messages(settings, first)))
 
     admin = redis.RedisCluster.from_url(redis_cluster.url)
