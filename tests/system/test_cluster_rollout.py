@@ -50,8 +50,8 @@ def test_backfill_promote_verify_retire_on_the_cluster(
     try:
         produce(kafka_bootstrap, names.input_topic, rest)
         wait_for(lambda: applied_events(cluster_client, prefix, new.tag) == len(events), WAIT, "NEW caught up")
-        promoted = run("promote", "--model", str(new_model))
-        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+        # the lag counts what NEW's group has committed: promote once its commit caught up too
+        wait_for(lambda: run("promote", "--model", str(new_model)).returncode == 0, 60, "NEW promoted")
         user = events[-1]["user_id"]
         got = get_interests(user, settings_for(redis_url=redis_cluster_url, redis_cluster=True))
         assert (
