@@ -93,6 +93,10 @@ def test_two_workers_on_the_cluster(
         start_worker(names, kafka_bootstrap, redis_cluster_url, trained_model, tmp_path, **CLUSTER) for _ in range(2)
     ]
     try:
+        # both in the group before the events come: one worker alone applies them all within a second or two
+        wait_for(
+            lambda: all(w.metric("interest_partitions_assigned") > 0 for w in workers), WAIT, "both own partitions"
+        )
         produce(kafka_bootstrap, names.input_topic, events)
         wait_for(lambda: applied_events(cluster_client, names.redis_prefix) == len(events), WAIT, "all applied")
         shares = [w.metric("interest_events_applied_total") for w in workers]
@@ -200,8 +204,9 @@ def test_master_kill_9_while_events_flow(
     feeder.start()
     lookups.start()
     try:
-        # with WAIT 0 late in the stream, so that the lost writes are not all rewritten by the users' next events
-        wait_for(lambda: applied_events(client, prefix) >= n * (0.5 if wait else 0.85), WAIT, "events applied")
+        # with WAIT 0 later in the stream, so that the lost writes are not all rewritten by the users' next events
+        # (at 70 %: enough of the stream left for the ~100 KB of writes the replica must miss)
+        wait_for(lambda: applied_events(client, prefix) >= n * (0.5 if wait else 0.7), WAIT, "events applied")
         victim = next(p for p in cluster.masters() if p != cluster.nodes[0].port)
         # its replica is cut off (stopped, its link closed: a partition) while writes go on, then the master dies:
         # the replica promoted lacks what the master acknowledged meanwhile (on loopback a replica is otherwise

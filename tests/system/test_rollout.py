@@ -135,12 +135,12 @@ def test_backfill_side_by_side_promote_stop_old_rollback_and_back(
         everything = events + more
         for v in (old, new):
             wait_for(lambda v=v: applied_events(rclient, prefix, v.tag) == len(everything), WAIT, f"{v.version}")
-        back = cli(names, kafka_bootstrap, redis_url, "promote", "--version", old.version)
-        assert back.returncode == 0, back.stderr
+        # promote once the old version's group has committed what its worker applied (the lag counts commits)
+        promote = lambda v: cli(names, kafka_bootstrap, redis_url, "promote", "--version", v).returncode == 0  # noqa: E731
+        wait_for(lambda: promote(old.version), 60, "the old version promoted again")
         assert rclient.get(prefix + "promoted").decode() == old.version
         oracle(everything, trained_model, settings, rclient)
-        forward = cli(names, kafka_bootstrap, redis_url, "promote", "--version", new.version)
-        assert forward.returncode == 0, forward.stderr
+        wait_for(lambda: promote(new.version), 60, "the new version promoted again")
         oracle(everything, new_model, settings, rclient)
         # what two versions cost: each user has one hash per version (MEMORY USAGE, bytes)
         for v in (old, new):

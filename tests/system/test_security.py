@@ -229,13 +229,14 @@ def secret_redis(request, tmp_path):
 
 
 def readme_acl_lines(admin: redis.Redis, password: str, prefix: str, cluster: bool) -> list[list[str]]:
-    """The README's least-privilege ACL line, for this password and key prefix (and on a cluster the README's line
-    that adds what the cluster client needs).
+    """The least-privilege ACL line of docs/operations.md (the README's security section links there), for this
+    password and key prefix (and on a cluster the line that adds what the cluster client needs).
 
     ``+client|setinfo`` exists from Redis 7.2 on; older servers (Debian's 7.0) reject the rule, so it is dropped
     there (redis-py ignores a refused CLIENT SETINFO)."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "operations.md").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("ACL SETUSER interest ")]
+    assert lines, "docs/operations.md lost its ACL lines"
     out = []
     for line in lines[: 2 if cluster else 1]:
         args = line.replace(">CHANGE-ME", f">{password}").replace("~interest:*", f"~{prefix}*").split()
