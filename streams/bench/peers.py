@@ -14,13 +14,20 @@ from streams.bench.common import MAX_BATCH, SESSION_TIMEOUT_S, write_result
 from streams.bench.histograms import quantiles_ms
 
 
-def noop_worker(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m streams.bench noop-worker")
+def _parser(command: str, group: bool = True) -> argparse.ArgumentParser:
+    """The options every hidden subcommand takes: where to read, how many events, where to write the result."""
+    ap = argparse.ArgumentParser(prog=f"python -m streams.bench {command}")
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--topic", required=True)
-    ap.add_argument("--group", required=True)
+    if group:
+        ap.add_argument("--group", required=True)
     ap.add_argument("--expect", type=int, required=True)
     ap.add_argument("--result", type=Path, required=True)
+    return ap
+
+
+def noop_worker(argv: list[str]) -> int:
+    ap = _parser("noop-worker")
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH)
     ap.add_argument("--skip", type=int, default=0, help="with --latency: events not timed (the warm-up)")
     ap.add_argument("--latency", action="store_true", help="iterate stream.events() and time produce -> agent")
@@ -86,12 +93,8 @@ def noop_worker(argv: list[str]) -> int:
 
 
 def floor_consumer(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m streams.bench floor-consumer")
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--topic", required=True)
-    ap.add_argument("--expect", type=int, required=True)
+    ap = _parser("floor-consumer", group=False)
     ap.add_argument("--skip", type=int, default=0, help="events not timed (the warm-up)")
-    ap.add_argument("--result", type=Path, required=True)
     a = ap.parse_args(argv)
 
     from aiokafka import AIOKafkaConsumer
@@ -127,12 +130,7 @@ def floor_consumer(argv: list[str]) -> int:
 def quix_noop(argv: list[str]) -> int:
     """A Quix Streams application (librdkafka underneath) that reads the topic and does nothing with each record: the
     peer framework's ceiling, beside Faust's, on the same broker and topic."""
-    ap = argparse.ArgumentParser(prog="python -m streams.bench quix-noop")
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--topic", required=True)
-    ap.add_argument("--group", required=True)
-    ap.add_argument("--expect", type=int, required=True)
-    ap.add_argument("--result", type=Path, required=True)
+    ap = _parser("quix-noop")
     a = ap.parse_args(argv)
 
     from quixstreams import Application

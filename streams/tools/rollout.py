@@ -14,7 +14,10 @@ workers start publishing within a second and the previous version's stop (they r
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -126,49 +129,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="status as JSON")
 
 
-def _client(settings: Settings):
-    from streams.core.state import sync_client
-
-    return sync_client(settings)
-
-
 def _redis_error(settings: Settings, exc: Exception) -> ServiceError:
     from streams.settings import redact_url
 
     return ServiceError(f"cannot use Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
 
 
-def run_promote(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _session() -> Iterator[tuple[Settings, Any]]:
+    """What each command runs in: the settings and a Redis client, closed after; a Redis error is one clear line."""
     import redis
 
+    from streams.core.state import sync_client
     from streams.settings import load_settings
 
     settings = load_settings()
-    client = _client(settings)
+    client = sync_client(settings)
     try:
-        v = resolve(client, settings, args.model, args.version)
-        before = promote(client, settings, v, args.max_lag)
+        yield settings, client
     except redis.RedisError as exc:
         raise _redis_error(settings, exc) from None
     finally:
         client.close()
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    with _session() as (settings, client):
+        v = resolve(client, settings, args.model, args.version)
+        before = promote(client, settings, v, args.max_lag)
     print(f"promoted {v.version} (before: {before}); readers see it now, its workers publish within a second")
     return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
-    import redis
-
-    from streams.settings import load_settings
-
-    settings = load_settings()
-    client = _client(settings)
-    try:
+    with _session() as (settings, client):
         rows = status(client, settings)
-    except redis.RedisError as exc:
-        raise _redis_error(settings, exc) from None
-    finally:
-        client.close()
     if args.json:
         print(orjson.dumps(rows).decode())
         return 0
@@ -182,18 +177,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_retire(args: argparse.Namespace) -> int:
-    import redis
-
-    from streams.settings import load_settings
-
-    settings = load_settings()
-    client = _client(settings)
-    try:
+    with _session() as (settings, client):
         v = resolve(client, settings, args.model, args.version)
         n = retire(client, settings, v)
-    except redis.RedisError as exc:
-        raise _redis_error(settings, exc) from None
-    finally:
-        client.close()
     print(f"retired {v.version}: {n} user states deleted, group {v.group} and topic {v.rekey_topic} removed")
     return 0
