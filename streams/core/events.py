@@ -120,15 +120,14 @@ class EventDecoder:
             raise Rejected("bad_json", f"not valid UTF-8 JSON: {str(exc)[:120]}") from None
         if not isinstance(obj, dict):
             raise Rejected("not_object", f"event must be a JSON object, got {type(obj).__name__}")
-        extra = obj.keys() - ALLOWED_FIELDS
-        if extra:
-            names = ", ".join(sorted(repr(k[:40]) for k in extra)[:5])
+        if not ALLOWED_FIELDS.issuperset(obj):  # no set built per event (obj.keys() - ALLOWED_FIELDS costs ~1.5 us)
+            names = ", ".join(sorted(repr(k[:40]) for k in obj.keys() - ALLOWED_FIELDS)[:5])
             raise Rejected("unknown_field", f"unknown field(s) {names}")
 
         if "user_id" not in obj:
             raise Rejected("missing_field", "user_id is required")
         user = _id_str(obj["user_id"], "user_id", lim.max_user_id_len)
-        if not USER_ID_RE.fullmatch(user):
+        if not (user.isascii() and user.isalnum()) and not USER_ID_RE.fullmatch(user):  # most ids: no regex
             raise Rejected("bad_user_id", "user_id may only contain letters, digits and . _ @ -")
 
         if "ts" not in obj:

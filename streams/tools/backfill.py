@@ -99,9 +99,10 @@ def parse_partitions(text: str | None, count: int) -> list[int]:
     return sorted(out)
 
 
-async def _read(consumer, ends: dict, on_message) -> int:
+async def _read(consumer, ends: dict, on_batch) -> int:
     """Read every assigned partition up to its end offset in ``ends`` ((topic, partition) -> offset), calling
-    ``on_message(msg)`` in partition order; returns the count. What was produced after ``ends`` is left unread."""
+    ``on_batch(msgs)`` with each fetched run of one partition's messages, in partition order; returns the count.
+    What was produced after ``ends`` is left unread."""
     from aiokafka import TopicPartition
 
     todo = {TopicPartition(t, p): end for (t, p), end in ends.items()}
@@ -113,13 +114,12 @@ async def _read(consumer, ends: dict, on_message) -> int:
         batches = await consumer.getmany(*todo, timeout_ms=500, max_records=20_000)
         for tp, msgs in batches.items():
             end = todo.get(tp)
-            if end is None:
+            if end is None or not msgs:
                 continue
-            for msg in msgs:
-                if msg.offset >= end:
-                    break
-                on_message(msg)
-                n += 1
+            if msgs[-1].offset >= end:
+                msgs = [m for m in msgs if m.offset < end]
+            on_batch(msgs)
+            n += len(msgs)
         for tp in list(todo):
             if await consumer.position(tp) >= todo[tp]:
                 del todo[tp]
@@ -170,11 +170,12 @@ async def backfill(settings: Settings, session, partitions: str | None, progress
         rekey_ends = await consumer.end_offsets(all_rekeys)
         prefix = f"{vs.input_topic}:".encode()
 
-        def mark(msg) -> None:
-            for k, v in msg.headers or ():
-                if k == SOURCE_HEADER and v.startswith(prefix):
-                    p, off = v[len(prefix) :].split(b":")
-                    forwarded.add((int(p), int(off)))
+        def mark(msgs) -> None:
+            for msg in msgs:
+                for k, v in msg.headers or ():
+                    if k == SOURCE_HEADER and v.startswith(prefix):
+                        p, off = v[len(prefix) :].split(b":")
+                        forwarded.add((int(p), int(off)))
 
         await _read(consumer, {(tp.topic, tp.partition): e for tp, e in rekey_ends.items()}, mark)
         report.rekeyed_before = sum(1 for p, _ in forwarded if p in mine)
@@ -185,47 +186,47 @@ async def backfill(settings: Settings, session, partitions: str | None, progress
         in_ends = await consumer.end_offsets(in_tps)
         starts = {tp: await consumer.position(tp) for tp in in_tps}
         bar = tqdm(total=sum(in_ends[tp] - starts[tp] for tp in in_tps), unit="ev", disable=not progress)
-        decode, add = decoder.decode, builder.add
+        decode, add, dead_by = decoder.decode, builder.add, report.dead
         sends: list = []
         input_topic = vs.input_topic
         homes: dict[bytes, int] = {}  # key -> its murmur2 partition (aiokafka's murmur2 is pure Python: ~5 us)
-        tp_names: dict[tuple[str, int], str] = {}
 
-        def tp_name(topic: str, partition: int) -> str:  # "topic:partition", the key of a user's positions
-            name = tp_names.get((topic, partition))
-            if name is None:
-                name = tp_names[(topic, partition)] = f"{topic}:{partition}"
-            return name
+        def apply(msgs, rekeyed: bool) -> None:
+            """One partition's run of messages (the per-event loop, in one frame); ``rekeyed``: from the re-key topic,
+            where every event is at home (the worker applies them as they come)."""
+            partition = msgs[0].partition
+            tp = f"{msgs[0].topic}:{partition}"  # the key of a user's positions
+            applied = duplicates = 0
+            for msg in msgs:
+                try:
+                    click = decode(msg.value)
+                except Rejected as rej:
+                    dead_by[rej.reason] += 1
+                    continue
+                if not rekeyed:
+                    key = click.user_id.encode()
+                    home = homes.get(key)
+                    if home is None:
+                        home = homes[key] = default_partition(key, n_part)
+                    if msg.key != key or home != partition:  # the worker would re-key it
+                        if (partition, msg.offset) not in forwarded:
+                            headers = [
+                                *original_headers(msg),
+                                (SOURCE_HEADER, f"{input_topic}:{partition}:{msg.offset}".encode()),
+                            ]
+                            sends.append((key, msg.value, headers))
+                        continue
+                if add(click, tp, msg.offset):
+                    applied += 1
+                else:
+                    duplicates += 1
+            report.applied += applied
+            report.duplicates += duplicates
 
-        def on_input(msg) -> None:
-            try:
-                click = decode(msg.value)
-            except Rejected as rej:
-                report.dead[rej.reason] += 1
-                return
-            key = click.user_id.encode()
-            home = homes.get(key)
-            if home is None:
-                home = homes[key] = default_partition(key, n_part)
-            if msg.key != key or home != msg.partition:  # the worker would re-key it
-                if (msg.partition, msg.offset) in forwarded:
-                    return
-                headers = [
-                    *original_headers(msg),
-                    (SOURCE_HEADER, f"{input_topic}:{msg.partition}:{msg.offset}".encode()),
-                ]
-                sends.append((key, msg.value, headers))
-                return
-            if add(click, tp_name(msg.topic, msg.partition), msg.offset):
-                report.applied += 1
-            else:
-                report.duplicates += 1
-
-        def counted(msg) -> None:
-            on_input(msg)
-            report.read += 1
-            if not report.read % 10_000:
-                bar.update(10_000)
+        def counted(msgs) -> None:
+            apply(msgs, False)
+            report.read += len(msgs)
+            bar.update(len(msgs))
 
         await _read(consumer, {(tp.topic, tp.partition): e for tp, e in in_ends.items()}, counted)
         for key, value, headers in sends:  # idempotent producer: in order, once
@@ -238,18 +239,8 @@ async def backfill(settings: Settings, session, partitions: str | None, progress
         await consumer.seek_to_beginning(*rk_tps)
         rk_ends = await consumer.end_offsets(rk_tps)
 
-        def on_rekeyed(msg) -> None:
-            try:
-                click = decode(msg.value)
-            except Rejected as rej:
-                report.dead[rej.reason] += 1
-                return
-            if add(click, tp_name(msg.topic, msg.partition), msg.offset):
-                report.applied += 1
-            else:
-                report.duplicates += 1
-
-        report.read += await _read(consumer, {(tp.topic, tp.partition): e for tp, e in rk_ends.items()}, on_rekeyed)
+        ends = {(tp.topic, tp.partition): e for tp, e in rk_ends.items()}
+        report.read += await _read(consumer, ends, lambda msgs: apply(msgs, True))
         bar.update(report.read - bar.n)
         bar.close()
         builder.step()

@@ -57,6 +57,10 @@ async def dump(settings: Settings, session, out: Path) -> Counter:
             writer = csv.writer(f)
             writer.writerow(["user_id", "item_id", "ts", "action"])
 
+            def on_batch(msgs) -> None:
+                for msg in msgs:
+                    on_message(msg)
+
             def on_message(msg) -> None:
                 try:
                     click = decoder.decode(msg.value)
@@ -75,7 +79,7 @@ async def dump(settings: Settings, session, out: Path) -> Counter:
                 writer.writerow([click.user_id, str(event["item_id"]), repr(click.ts), event.get("action") or ""])
                 counts["written"] += 1
 
-            await _read(consumer, {(tp.topic, tp.partition): e for tp, e in ends.items()}, on_message)
+            await _read(consumer, {(tp.topic, tp.partition): e for tp, e in ends.items()}, on_batch)
     finally:
         await consumer.stop()
     shutil.copyfile(catalog_path, out / "items.csv")
