@@ -482,18 +482,22 @@ class InterestProcessor:
             produce_ts.append(msg.timestamp)
             event_ts.append(click.ts)
 
-        user_key = self.store.key
+        # each user's new h and c: rows of one (users, 2H) array, whose bytes are cut into the users' state fields
+        user_key, updated_at = self.store.key, repr(now)
+        HC = np.concatenate([H, C], axis=1).astype("<f4", copy=False)
+        n_h, row = H.shape[1], HC.shape[1] * 4
+        blob = HC.tobytes()
+        writes, states = plan.writes, plan.states
         for u, i in last_row.items():
-            st = work[u]
-            st.h = H[slot[u]].copy()
-            st.c = C[slot[u]].copy()
-            fields = encode_state(st)
+            st, s = work[u], slot[u]
+            st.h, st.c = HC[s, :n_h], HC[s, n_h:]  # views: a state is never changed in place, only replaced
+            fields = encode_state(st, blob[s * row : (s + 1) * row])
             fields["probs"] = probs_json[i]
             fields["top"] = tops[i]
-            fields["model_version"] = self.version
-            fields["updated_at"] = repr(now)
-            plan.writes.append(UserWrite(user_key(u), fields, st.events))
-            plan.states[u] = st
+            fields["model_version"] = version
+            fields["updated_at"] = updated_at
+            writes.append(UserWrite(user_key(u), fields, st.events))
+            states[u] = st
         self.inflight.update(plan.states)  # the next batch starts from these, before they reach Redis
 
     async def _sent(self, plan: BatchPlan, producer: Any) -> BatchPlan:

@@ -144,11 +144,13 @@ class UserWrite:
     events: int
 
 
-def encode_state(st: UserState) -> dict[str, bytes | str | int | float]:
+def encode_state(st: UserState, state: bytes | None = None) -> dict[str, bytes | str | int | float]:
+    """A user's stored fields but the published ones; ``state``: h then c as little-endian float32, when the caller
+    has them already (a batch's users cut from one buffer)."""
     return {
         "events": st.events,
         "event_ts": repr(st.last_ts),
-        "state": st.h.astype("<f4").tobytes() + st.c.astype("<f4").tobytes(),
+        "state": state if state is not None else st.h.astype("<f4").tobytes() + st.c.astype("<f4").tobytes(),
         "pos": orjson.dumps(st.positions),
         "recent": st.recent,
     }
