@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streams.local.services import wait_until
+from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_BATCH = 2000  # the worker's default take(max_batch)
+MAX_BATCH: int = Settings.model_fields["max_batch"].default  # the worker's default batch
 SESSION_TIMEOUT_S = "6"  # Kafka's lowest (group.min.session.timeout.ms)
 
 TARGETS = {
