@@ -45,7 +45,7 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 10_000, 2, 1_500, 4.0, 200, 20_000, 0.5, 10_000)
+            return cls(True, 10_000, 5, 1_500, 4.0, 200, 20_000, 0.5, 10_000)  # 50k events: a product run of 2-3 s
         return cls(False, None, 2, 15_000, 20.0, 1_000, 200_000, 2.0, 40_000)
 
 
