@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(5000, ge=1, le=100_000)
     """Largest batch of events stepped together; also how many events may wait for the step stage. A batch's
     delivery and Redis write take a round trip or two whatever its size, one batch at a time, so under a backlog
-    larger batches carry more events per round trip (on the 2-core bench box 5,000 gave 39k events/s where 2,000
-    gave 28k; 10,000 no more than 5,000)."""
+    larger batches carry more events per round trip (one worker on the 2-core bench box: 5,000 gave 13-39 % more
+    than 2,000 in two A/Bs of `python -m streams.bench ab product`; 10,000 no more than 5,000)."""
     max_latency_ms: float = Field(10.0, gt=0, le=60_000)
     """Longest the step stage, when idle, waits for a partial batch to fill (a busy one takes what has arrived)."""
     session_timeout_s: float = Field(10.0, gt=0)

@@ -1,0 +1,77 @@
+"""Settings A/B on shared services: one broker, one Redis, one pre-filled topic, each variant in turn (a warm-up run
+first, so the broker's JIT is not charged to the first variant). Only ratios within one invocation compare.
+
+    python -m streams.bench ab product '[{"tag": "b2k", "INTEREST_MAX_BATCH": "2000"}, {"tag": "b5k"}]'
+    python -m streams.bench ab latency '[{"tag": "b2k", "INTEREST_MAX_BATCH": "2000"}, {"tag": "b5k"}]' --rate 19000
+    python -m streams.bench ab backfill '[{"tag": "one"}, {"tag": "two"}]'
+
+Each variant is a tag and INTEREST_* overrides for the worker (or the backfill); prints a line per variant and writes
+``ab.json`` in --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from models.data import ML100K, load_dataset
+from streams.bench.common import Plan, log, stop_all
+from streams.bench.run import Bench
+from streams.bench.workloads import looped_events
+
+
+def ab(argv: list[str]) -> int:
+    from export.onnx_export import build_default_model
+    from streams.local.services import free_port, start_broker, start_redis
+
+    ap = argparse.ArgumentParser(prog="python -m streams.bench ab", description=__doc__.splitlines()[0])
+    ap.add_argument("job", choices=("product", "latency", "backfill"))
+    ap.add_argument("variants", type=json.loads, help='JSON list of {"tag": ..., "INTEREST_...": ...}')
+    ap.add_argument("--rate", type=float, default=14_000.0, help="events/s offered (latency)")
+    ap.add_argument("--out", type=Path, default=Path("artifacts/bench-ab"))
+    a = ap.parse_args(argv)
+    out = a.out.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    ds = load_dataset("movielens-100k", ML100K)
+    bench = Bench(out=out, plan=Plan.make(False), model=Path(build_default_model()), data=ML100K)
+    broker = start_broker(port=free_port(), run_dir=out / "logs" / "services")
+    redis = start_redis(port=free_port(), run_dir=out / "logs" / "services")
+    bench.bootstrap, bench.redis_base = broker.address, f"redis://{redis.address}"
+    bench.service_pids = {"broker": broker.pid, "redis": redis.pid}
+    results: dict[str, dict] = {}
+    try:
+        loops = 10 if a.job == "backfill" else 2
+        src = bench.names("src")
+        topic = src["INTEREST_INPUT_TOPIC"]
+        if a.job != "latency":
+            bench.prefill(src, looped_events(ds, loops=loops), loops * len(ds.events))
+        for v in [{"tag": "warm-up"}, *a.variants]:
+            env = dict(v)
+            tag = env.pop("tag")
+            if a.job == "product":
+                r = bench.product(bench.names(tag[:8], topic) | env, loops * len(ds.events), 1, f"ab-{tag}")
+            elif a.job == "latency":
+                r = bench.latency(ds, a.rate, bench.plan.latency_seconds, bench.plan.latency_warmup, tag, **env)
+            else:
+                r = _backfill(bench, bench.names(tag[:8], topic) | env, out / f"backfill-{tag}.json")
+            results[tag] = r
+            print(tag, json.dumps({k: r[k] for k in ("eps", "redis_ms", "stages_ms", "cpu_pct") if k in r}), flush=True)
+    finally:
+        stop_all(bench.procs, 10)
+        broker.stop()
+        redis.stop()
+    (out / "ab.json").write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+def _backfill(bench: Bench, env: dict[str, str], report: Path) -> dict:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")} | env
+    cmd = [sys.executable, "-m", "streams.cli", "backfill", "--model", str(bench.model), "--no-progress"]
+    with open(bench.logs / f"{report.stem}.log", "wb") as log_file:
+        subprocess.check_call([*cmd, "--json", str(report)], env=full, stdout=log_file, stderr=subprocess.STDOUT)
+    r = json.loads(report.read_text())
+    log(f"{report.stem}: {r['eps']:,.0f} ev/s")
+    return r
