@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from models.data import ML100K, load_dataset
@@ -56,7 +53,9 @@ def ab(argv: list[str]) -> int:
             elif a.job == "latency":
                 r = bench.latency(ds, a.rate, bench.plan.latency_seconds, bench.plan.latency_warmup, tag, **env)
             else:
-                r = _backfill(bench, bench.names(tag[:8], topic) | env, out / f"backfill-{tag}.json")
+                name = f"backfill-{tag}"
+                r = bench.run_backfill(bench.names(tag[:8], topic) | env, out / f"{name}.json", name)
+                log(f"backfill {tag}: {r['eps']:,.0f} ev/s")
             results[tag] = r
             print(tag, json.dumps({k: r[k] for k in ("eps", "redis_ms", "stages_ms", "cpu_pct") if k in r}), flush=True)
     finally:
@@ -65,13 +64,3 @@ def ab(argv: list[str]) -> int:
         redis.stop()
     (out / "ab.json").write_text(json.dumps(results, indent=1, default=float))
     return 0
-
-
-def _backfill(bench: Bench, env: dict[str, str], report: Path) -> dict:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")} | env
-    cmd = [sys.executable, "-m", "streams.cli", "backfill", "--model", str(bench.model), "--no-progress"]
-    with open(bench.logs / f"{report.stem}.log", "wb") as log_file:
-        subprocess.check_call([*cmd, "--json", str(report)], env=full, stdout=log_file, stderr=subprocess.STDOUT)
-    r = json.loads(report.read_text())
-    log(f"{report.stem}: {r['eps']:,.0f} ev/s")
-    return r

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from models.errors import ServiceError
 from streams.bench.common import log
@@ -26,19 +27,9 @@ class Backfills(BenchRun):
         loops = -(-total // len(ds.events))
         env = self.names("bf")
         self.prefill(env, looped_events(ds, loops=loops), loops * len(ds.events))
-        report_path = self.out / "backfill-report.json"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")} | env
         t0 = time.perf_counter()
-        with open(self.logs / "backfill.log", "wb") as out:
-            code = subprocess.call(
-                [sys.executable, "-m", "streams.cli", "backfill", "--model", str(self.model), "--no-progress",
-                 "--json", str(report_path)],
-                env=full, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        rep = self.run_backfill(env, self.out / "backfill-report.json", "backfill")
         wall = time.perf_counter() - t0
-        if code != 0:
-            raise ServiceError(f"backfill failed (exit {code}): see {self.logs / 'backfill.log'}")
-        rep = json.loads(report_path.read_text())
         log(f"backfill: {rep['applied']:,} events, {rep['users']:,} users, {rep['eps']:,.0f} ev/s ({wall:.1f}s wall)")
         return {
             "eps": rep["eps"],
@@ -48,3 +39,18 @@ class Backfills(BenchRun):
             "wall_s": round(wall, 1),
             "split_s": {k: round(rep[f"{k}_seconds"], 2) for k in ("read", "step", "write")},
         }
+
+    def run_backfill(self, env: dict[str, str], report: Path, name: str) -> dict:
+        """``interest-stream backfill`` of the bench's model with ``env`` (and no other INTEREST_* setting), in a
+        process of its own (its output in the bench's logs as NAME.log); its JSON report, also written to report."""
+        full = {k: v for k, v in os.environ.items() if not k.startswith("INTEREST_")} | env
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "wb") as out:
+            code = subprocess.call(
+                [sys.executable, "-m", "streams.cli", "backfill", "--model", str(self.model), "--no-progress",
+                 "--json", str(report)],
+                env=full, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        if code != 0:
+            raise ServiceError(f"backfill failed (exit {code}): see {log_path}")
+        return json.loads(report.read_text())
