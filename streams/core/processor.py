@@ -490,8 +490,11 @@ class InterestProcessor:
         writes, states = plan.writes, plan.states
         for u, i in last_row.items():
             st, s = work[u], slot[u]
-            st.h, st.c = HC[s, :n_h], HC[s, n_h:]  # views: a state is never changed in place, only replaced
-            fields = encode_state(st, blob[s * row : (s + 1) * row])
+            state = blob[s * row : (s + 1) * row]
+            # as a state read from Redis: views of the user's own bytes (not of HC, which one cached user would pin)
+            hc = np.frombuffer(state, dtype="<f4")
+            st.h, st.c = hc[:n_h], hc[n_h:]
+            fields = encode_state(st, state)
             fields["probs"] = probs_json[i]
             fields["top"] = tops[i]
             fields["model_version"] = version
