@@ -9,6 +9,8 @@ worker.stop()
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,6 +44,13 @@ def worker_env(names, kafka_bootstrap: str, redis_url: str, model: Path, **extra
     )
     env.update(extra)
     return env
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``interest-stream ARGS`` with exactly ``env``, from the repository root; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start_worker(

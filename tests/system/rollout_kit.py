@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.harness import worker_env
+from tests.harness import run_cli, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -36,14 +36,7 @@ def cli(names, kafka_bootstrap: str, redis_url: str, *args: str, timeout: float 
     full = worker_env(names, kafka_bootstrap, redis_url, Path("unused.onnx"), **env)
     full.pop("INTEREST_MODEL_PATH")
     full.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
-        env=full,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(full, *args, timeout=timeout)
 
 
 def spawn_cli(names, kafka_bootstrap: str, redis_url: str, log: Path, *args: str) -> subprocess.Popen:

@@ -14,7 +14,6 @@ import asyncio
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -29,19 +28,9 @@ from streams.local.services import free_port, start_redis
 from streams.settings import Settings, redact_url
 from tests.conftest import REPO
 from tests.harness import applied_events, ml_events, produce, start_worker, wait_for, worker_env
+from tests.harness import run_cli as cli
 
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # --- pure logic ----------------------------------------------------------------------------------------------------
