@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import numpy as np
 import orjson
 import pytest
+from aiokafka.partitioner import murmur2
 
 from export.runtime import StepSession
-from streams.core.processor import DLQ_MAX_VALUE, InterestProcessor, RawMessage, default_partition
+from streams.core.processor import DLQ_MAX_VALUE, InterestProcessor, RawMessage, default_partition, murmur2_many
 from streams.core.state import StateStore, user_key, version_tag
 from streams.core.versions import model_version, promote_if_none, set_promoted
 from streams.kafka import ensure_topics, output_producer
@@ -269,3 +271,12 @@ def test_step_groups_cover_every_user_once_and_merge_cheap_padding() -> None:
     # one long user and many one-event users: padding all of them to 250 steps would cost far more than a second call
     groups = step_groups(np.array([250] + [1] * 400))
     assert len(groups) == 2 and groups[0].tolist() == [0]
+
+
+def test_murmur2_many_is_kafkas_murmur2_for_every_length() -> None:
+    rng = random.Random(7)
+    keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(41))) for _ in range(3000)]
+    keys += [b"", b"a", b"ab", b"abc", b"123456789", b"\x00 ", "ünï".encode()]
+    assert murmur2_many(keys) == [murmur2(k) & 0x7FFFFFFF for k in keys]
+    # partitions of 1000 that Java's client gives (the values kafka-python checks its murmur2 against)
+    assert [h % 1000 for h in murmur2_many(keys[-7:-1])] == [681, 524, 434, 107, 566, 742]
