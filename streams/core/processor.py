@@ -180,6 +180,68 @@ class BatchStep(Protocol):
     def drop_cache(self) -> None: ...
 
 
+class Router:
+    """Step 1 of a batch: decode and validate each message, and pick out what goes elsewhere (dead letters, and events
+    to re-key). It reads no state, so it runs wherever the batch arrives: :class:`InterestProcessor` has one, and so
+    does the step process's proxy in the worker (:mod:`streams.runtime.stepper`), which sends the child only the
+    decoded events."""
+
+    def __init__(self, decoder: EventDecoder, partitions: dict[str, int]) -> None:
+        self.decoder = decoder
+        self.partitions = partitions
+        self._hash: dict[bytes, int] = {}
+
+    def key_hash(self, key: bytes) -> int:
+        """murmur2(key) & 0x7fffffff, memoised (aiokafka's murmur2 is pure Python: 2-5 us a call)."""
+        h = self._hash.get(key)
+        if h is None:
+            if len(self._hash) > HASH_MEMO:
+                self._hash.clear()
+            h = self._hash[key] = murmur2(key) & 0x7FFFFFFF
+        return h
+
+    def hash_keys(self, keys: Sequence[bytes]) -> None:
+        """Memoise the hashes of the keys not seen yet, all in one :func:`murmur2_many` call."""
+        memo = self._hash
+        new = [k for k in dict.fromkeys(keys) if k not in memo]
+        if new:
+            if len(memo) + len(new) > HASH_MEMO:
+                memo.clear()
+            memo.update(zip(new, murmur2_many(new), strict=True))
+
+    def partition_for(self, topic: str, key: bytes) -> int | None:
+        """The partition Kafka's default partitioner picks for ``key`` on ``topic`` (None if the count is unknown)."""
+        n = self.partitions.get(topic)
+        return self.key_hash(key) % n if n else None
+
+    def _misrouted(self, msg: Message, key: bytes) -> bool:
+        """True when a correctly keyed message sits on another partition than its key hashes to."""
+        home = self.partition_for(msg.topic, key)
+        return home is not None and home != msg.partition
+
+    def route(self, messages: Sequence[Message]) -> tuple[BatchPlan, list[tuple[Click, Message]]]:
+        """Step 1: decode and validate; the plan gets the dead letters and re-keys, the rest is returned in order.
+
+        It reads no state: the worker routes a batch (in its own process, when the step has one of its own) while the
+        previous one is being stepped."""
+        plan = BatchPlan()
+        self.hash_keys([m.key for m in messages if m.key])  # a correctly keyed message's user key is its key
+        decode = self.decoder.decode
+        accepted: list[tuple[Click, Message]] = []
+        for msg in messages:
+            try:
+                click = decode(msg.value)
+            except Rejected as rej:
+                plan.dead.append((msg, rej.reason, rej.detail))
+                continue
+            key = click.user_id.encode()
+            if msg.key != key or self._misrouted(msg, key):
+                plan.rekey.append((key, msg))
+                continue
+            accepted.append((click, msg))
+        return plan, accepted
+
+
 class InterestProcessor:
     """Validates, de-duplicates and steps one batch of click messages (see the module docstring)."""
 
@@ -209,8 +271,7 @@ class InterestProcessor:
         self.window_bytes = 8 * settings.dedup_window
         self.h0 = np.asarray(meta.h0, dtype=np.float32)
         self.c0 = np.asarray(meta.c0, dtype=np.float32)
-        self.decoder = decoder_for(session, settings, catalog)
-        self._hash: dict[bytes, int] = {}
+        self.router = Router(decoder_for(session, settings, catalog), self.partitions)
         self.info: dict[str, object] = {}  # what the worker logs about the model (set by from_settings)
         # states of batches prepared but not yet written: the next batch builds on them (see write())
         self.inflight: dict[str, UserState] = {}
@@ -220,29 +281,6 @@ class InterestProcessor:
         self._pointer_read_at = -float("inf")
         # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
         self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step") if step_in_thread else None
-
-    def key_hash(self, key: bytes) -> int:
-        """murmur2(key) & 0x7fffffff, memoised (aiokafka's murmur2 is pure Python: 2-5 us a call)."""
-        h = self._hash.get(key)
-        if h is None:
-            if len(self._hash) > HASH_MEMO:
-                self._hash.clear()
-            h = self._hash[key] = murmur2(key) & 0x7FFFFFFF
-        return h
-
-    def hash_keys(self, keys: Sequence[bytes]) -> None:
-        """Memoise the hashes of the keys not seen yet, all in one :func:`murmur2_many` call."""
-        memo = self._hash
-        new = [k for k in dict.fromkeys(keys) if k not in memo]
-        if new:
-            if len(memo) + len(new) > HASH_MEMO:
-                memo.clear()
-            memo.update(zip(new, murmur2_many(new), strict=True))
-
-    def partition_for(self, topic: str, key: bytes) -> int | None:
-        """The partition Kafka's default partitioner picks for ``key`` on ``topic`` (None if the count is unknown)."""
-        n = self.partitions.get(topic)
-        return self.key_hash(key) % n if n else None
 
     @classmethod
     def from_settings(
@@ -271,11 +309,6 @@ class InterestProcessor:
         """Partitions moved: forget cached states, the next batch reads them from Redis (never a stale cache)."""
         self.store.drop_cache()
 
-    def _misrouted(self, msg: Message, key: bytes) -> bool:
-        """True when a correctly keyed message sits on another partition than its key hashes to."""
-        home = self.partition_for(msg.topic, key)
-        return home is not None and home != msg.partition
-
     async def write(self, plan: BatchPlan) -> int:
         """Write the plan's states to Redis (one pipeline); returns the number of stale writes (see StateStore.write).
 
@@ -298,7 +331,10 @@ class InterestProcessor:
         add = batches.add
         # the default partitioner's choice, memoised; never None here (the worker created these topics, so their
         # partition counts are known): the ignore says so without a check per record
-        partition_for: Callable[[str, bytes], int] = self.partition_for  # type: ignore[assignment]
+        router = self.router
+        partition_for: Callable[[str, bytes], int] = router.partition_for  # type: ignore[assignment]
+        if self.publishing:
+            router.hash_keys([key for key, _ in plan.outputs])
         s = self.settings
         out_topic, dlq_topic, rekey_topic = s.output_topic, s.dlq_topic, s.rekey_topic
         for key, value in plan.outputs if self.publishing else ():
@@ -378,28 +414,7 @@ class InterestProcessor:
 
     async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
         """Steps 1-5 of the module docstring for one batch; with ``producer``, then :meth:`send` its records."""
-        return await self.prepare_routed(*self.route(messages), producer)
-
-    def route(self, messages: Sequence[Message]) -> tuple[BatchPlan, list[tuple[Click, Message]]]:
-        """Step 1: decode and validate; the plan gets the dead letters and re-keys, the rest is returned in order.
-
-        It reads no state, so the step process routes a batch while the previous one is being stepped."""
-        plan = BatchPlan()
-        self.hash_keys([m.key for m in messages if m.key])  # a correctly keyed message's user key is its key
-        decode = self.decoder.decode
-        accepted: list[tuple[Click, Message]] = []
-        for msg in messages:
-            try:
-                click = decode(msg.value)
-            except Rejected as rej:
-                plan.dead.append((msg, rej.reason, rej.detail))
-                continue
-            key = click.user_id.encode()
-            if msg.key != key or self._misrouted(msg, key):
-                plan.rekey.append((key, msg))
-                continue
-            accepted.append((click, msg))
-        return plan, accepted
+        return await self.prepare_routed(*self.router.route(messages), producer)
 
     async def prepare_routed(
         self, plan: BatchPlan, accepted: list[tuple[Click, Message]], producer: Any = None

@@ -6,19 +6,25 @@ The worker's Python holds the GIL most of the time: Faust's consumer thread and 
 batch step (decode, dedup, output records, the producer and Redis clients) the rest, so in one interpreter they take
 turns on one core. :class:`StepperProcess` runs the :class:`~streams.core.processor.InterestProcessor`, its
 :class:`~streams.core.state.StateStore` and a producer of its own in a child process instead. The worker sends each
-batch's messages over a socket pair; the child steps the batch, hands its records to its producer and says so, then
-awaits their delivery and writes Redis (in that order, the one the guarantees rest on) and says so; then the worker
-acks. Same code and guarantees, two interpreters.
+batch over a socket pair, decoded and routed already (:class:`~streams.core.processor.Router`: the worker's process
+is the less busy one); the child steps the batch, hands its records to its producer, then awaits their delivery and
+writes Redis (in that order, the one the guarantees rest on) and says so; then the worker acks. Same code and
+guarantees, two interpreters.
 ``INTEREST_STEP_PROCESS=false`` keeps everything in the worker's process.
 
 Frames: a 4-byte big-endian length, then a pickled tuple (both ends are this module).
     worker -> child   ("start", settings, {topic: partitions}), first
-                      ("prepare", id, rows)    rows: [(topic, partition, offset, key, value, timestamp, headers), ...];
-                                               decode and route them (then "prepared"), step them and hand their
-                                               records to the child's producer, then (in batch order) await their
-                                               delivery and write the batch to Redis (then "finished")
+                      ("prepare", id, events, dead, rekey)    a routed batch (Router.route), in batch order:
+                                               events: [(user_id, categories, action, ts, fingerprint, event_id,
+                                                         topic, partition, offset, timestamp), ...]   (to step)
+                                               dead: [(row, reason, detail), ...]   rekey: [(user key, row), ...]
+                                               row: (topic, partition, offset, key, value, timestamp, headers)
+                                               say "prepared", step the events and hand the batch's records to the
+                                               child's producer, then (in batch order) await their delivery and
+                                               write the batch to Redis (then "finished")
                       ("drop",)                partitions were revoked: forget the cached states
-    child -> worker   ("ready", info) or ("failed", error class, message), once at start
+    child -> worker   ("ready", info, decoder) or ("failed", error class, message), once at start (the decoder is
+                                               the model's EventDecoder, for the worker's Router)
                       ("prepared", id, None)   ("finished", id, None)
                       ("metrics", [(metric, labels, method, args), ...])                ("error", text)
 The child exits when the socket closes, and is killed with the worker (PR_SET_PDEATHSIG): a killed worker leaves
@@ -48,8 +54,9 @@ from typing import Any
 
 from models import errors
 from models.errors import InterestStreamError, ServiceError
+from streams.core.events import Click
 from streams.core.metrics import Metrics
-from streams.core.processor import BatchPlan, Message, RawMessage
+from streams.core.processor import BatchPlan, Message, RawMessage, Router
 from streams.logs import logging_config
 from streams.settings import Settings
 
@@ -104,7 +111,8 @@ class StepperProcess:
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
         theirs.close()
         self.sock.sendall(_frame(("start", settings, partitions)))  # settings as they are here, secrets included
-        self.info: dict = self._handshake(timeout)
+        self.info, decoder = self._handshake(timeout)
+        self.router = Router(decoder, partitions)
         self._writer: asyncio.StreamWriter | None = None
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}
         self._failed: str | None = None
@@ -113,7 +121,7 @@ class StepperProcess:
         self._reading: asyncio.Task | None = None
         self._connecting: asyncio.Task | None = None
 
-    def _handshake(self, timeout: float) -> dict:
+    def _handshake(self, timeout: float) -> tuple[dict, Any]:
         self.sock.settimeout(timeout)
         try:
             head = self.sock.recv(4, socket.MSG_WAITALL)
@@ -132,7 +140,7 @@ class StepperProcess:
                 frame[2]
             )
         self.sock.settimeout(None)
-        return frame[1]
+        return frame[1], frame[2]
 
     async def start(self) -> None:
         """Connect the child's socket to the running event loop (once; the first batch may come first)."""
@@ -178,9 +186,9 @@ class StepperProcess:
         return fut
 
     async def prepare(self, messages: Sequence[Message], producer: Any = None) -> BatchPlan:
-        """Hand the batch to the child, which decodes it, then steps it (after the batches before it) and hands its
-        records to its producer, then finishes it on its own (see :meth:`finish`). Returns once the child has decoded
-        the batch, so the next one can be sent while this one is stepped; the handle is for :meth:`finish`.
+        """Decode and route the batch here, and hand it to the child, which steps it (after the batches before it) and
+        hands its records to its producer, then finishes it on its own (see :meth:`finish`). Returns once the child
+        has the batch, so the next one is routed while this one is stepped; the handle is for :meth:`finish`.
         ``producer`` is not used: it is the in-process processor's."""
         if self._failed:
             raise ServiceError(self._failed)
@@ -191,9 +199,26 @@ class StepperProcess:
         batch_id = self._next_id
         prepared = self._expect("prepared", batch_id)
         self._finished[batch_id] = self._expect("finished", batch_id)
-        rows = [(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp, m.headers or None) for m in messages]
+        routed, accepted = self.router.route(messages)
+        events = [
+            (
+                c.user_id,
+                c.categories,
+                c.action,
+                c.ts,
+                c.fingerprint,
+                c.event_id,
+                m.topic,
+                m.partition,
+                m.offset,
+                m.timestamp,
+            )
+            for c, m in accepted
+        ]
+        dead = [(_row(m), reason, detail) for m, reason, detail in routed.dead]
+        rekey = [(key, _row(m)) for key, m in routed.rekey]
         try:
-            self._writer.write(_frame(("prepare", batch_id, rows)))
+            self._writer.write(_frame(("prepare", batch_id, events, dead, rekey)))
             await self._writer.drain()
         except OSError:  # the child is gone; the reader says how once it sees the end of the socket
             if not prepared.done():
@@ -223,6 +248,20 @@ class StepperProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _row(m: Message) -> tuple:
+    return (m.topic, m.partition, m.offset, m.key, m.value, m.timestamp, m.headers or None)
+
+
+def _unpack(events: list[tuple], dead: list[tuple], rekey: list[tuple]) -> tuple[BatchPlan, list]:
+    """The child's side of a "prepare" frame: the batch as :meth:`Router.route` returned it in the worker."""
+    plan = BatchPlan(
+        dead=[(RawMessage(*row), reason, detail) for row, reason, detail in dead],
+        rekey=[(key, RawMessage(*row)) for key, row in rekey],
+    )
+    accepted = [(Click(*e[:6]), RawMessage(e[6], e[7], e[8], None, None, e[9])) for e in events]
+    return plan, accepted
 
 
 class MetricsRelay:
@@ -322,20 +361,20 @@ async def serve(sock: socket.socket) -> int:
         send(("failed", type(exc).__name__, str(exc)))
         await writer.drain()
         return 2
-    send(("ready", processor.info))
+    send(("ready", processor.info, processor.router.decoder))
     quiet_gc()  # as the worker does: start-up's objects stay out of full collections
 
-    to_route: asyncio.Queue[tuple[int, list]] = asyncio.Queue()
+    to_route: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()
     to_prepare: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()
     to_finish: asyncio.Queue[tuple[int, BatchPlan]] = asyncio.Queue()
     failed = asyncio.Event()
 
     async def routing() -> None:
-        """Decode and route each batch as it comes, while the one before it is stepped (ONNX Runtime releases the
-        GIL), and tell the worker it has the batch: the worker then sends the next one."""
+        """Take each routed batch as it comes, while the one before it is stepped (ONNX Runtime releases the GIL),
+        and tell the worker it has the batch: the worker then sends the next one."""
         while True:
-            batch_id, rows = await to_route.get()
-            routed = processor.route([RawMessage(*row) for row in rows])
+            batch_id, frame = await to_route.get()
+            routed = _unpack(*frame)
             send(("prepared", batch_id, None))
             to_prepare.put_nowait((batch_id, routed))
             await writer.drain()
@@ -387,7 +426,7 @@ async def _serve_frames(reader: asyncio.StreamReader, processor, to_route: async
             return  # the worker is done (or gone)
         kind = frame[0]
         if kind == "prepare":
-            to_route.put_nowait((frame[1], frame[2]))
+            to_route.put_nowait((frame[1], frame[2:]))
         elif kind == "drop":
             processor.drop_cache()
 

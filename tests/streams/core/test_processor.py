@@ -59,7 +59,7 @@ def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
     assert plan.applied == 3 and plan.duplicates == 0
     # user b's first event was stepped from the learned initial state
     h, c = session.initial_state(1)
-    cats = proc.decoder.decode(msgs[1].value).categories
+    cats = proc.router.decoder.decode(msgs[1].value).categories
     feats = session.encoder.encode([cats], np.array([session.encoder.action_index(None)]), np.array([np.nan]))
     p, _, _ = session.step(feats, h, c)
     got = orjson.loads(rclient.hget(ukey(settings, "b"), "probs"))
@@ -218,7 +218,7 @@ def test_one_users_events_in_one_batch_are_applied_in_order(setup, rclient) -> N
     h, c = session.initial_state(1)
     prev = np.nan
     for e in events:
-        click = proc.decoder.decode(orjson.dumps(e))
+        click = proc.router.decoder.decode(orjson.dumps(e))
         f = session.encoder.encode([click.categories], np.array([click.action]), np.array([click.ts - prev]))
         p, h, c = session.step(f, h, c)
         prev = click.ts
