@@ -29,6 +29,7 @@ def ab(argv: list[str]) -> int:
     ap.add_argument("variants", type=json.loads, help='JSON list of {"tag": ..., "INTEREST_...": ...}')
     ap.add_argument("--rate", type=float, default=14_000.0, help="events/s offered (latency)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-ab"))
+    ap.add_argument("--loops", type=int, help="passes over ML-100K a run (product 2, backfill 10)")
     a = ap.parse_args(argv)
     out = a.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ def ab(argv: list[str]) -> int:
     bench.service_pids = {"broker": broker.pid, "redis": redis.pid}
     results: dict[str, dict] = {}
     try:
-        loops = 10 if a.job == "backfill" else 2
+        loops = a.loops or (10 if a.job == "backfill" else 2)
         src = bench.names("src")
         topic = src["INTEREST_INPUT_TOPIC"]
         if a.job != "latency":
