@@ -12,11 +12,13 @@ One call to :meth:`InterestProcessor.prepare` takes a batch of Kafka messages an
    batch in order, the users split into a few ORT calls of the Scan sequence graph (:mod:`streams.core.stepping`);
 5. builds one output record per applied event and one Redis write per user (its newest state only).
 
-Nothing is written by ``prepare``. Given a producer, it hands the batch's records to it at the end (:meth:`send`)
-without waiting for their delivery; :meth:`InterestProcessor.finish` waits for it (or publishes the plan itself),
-then writes Redis, and the caller (:mod:`streams.runtime.app`) acks after that. The next batch may be prepared
-before that: it builds on the states of the plans not yet written, and its records are delivered after the earlier
-plan's (one batch per partition in flight), so a batch's delivery overlaps the previous batch's Redis write.
+Nothing is written by ``prepare``. Given a producer, it hands the batch's records to it at the end (:meth:`send`, in
+the background) without waiting for their delivery; :meth:`InterestProcessor.finish` waits for it (or publishes the
+plan itself), then writes Redis, and the caller (:mod:`streams.runtime.app`) acks after that. The next batch may be
+prepared before that: it builds on the states of the plans not yet written, and its records are delivered after the
+earlier plan's (one batch per partition in flight), so a batch's delivery overlaps the previous batch's Redis write.
+``prepare`` is :meth:`~InterestProcessor.stage` (steps 2-3) then :meth:`~InterestProcessor.step_staged` (4-5); the
+step process calls them apart, staging a batch while ORT steps the one before it.
 
 One module (~500 lines) because the five phases share one class's bookkeeping (the in-flight states, the caches, the
 metrics) and read best top to bottom; the stepping itself is :mod:`streams.core.stepping`.
@@ -85,7 +87,8 @@ class BatchPlan:
     event_ts: list[float] = field(default_factory=list)  # per applied event
     duplicates: int = 0
     ort_seconds: float = 0.0
-    delivery: list[asyncio.Future] | None = None  # the records' delivery futures, once handed to a producer (send)
+    # once send() has run: resolves, when every record is in the producer's hands, to their delivery futures
+    delivery: asyncio.Future | None = None
     batch_id: int = 0  # the step process's handle on the plan (streams.runtime.stepper); unused in-process
 
     @property
@@ -163,6 +166,22 @@ def murmur2_many(keys: Sequence[bytes]) -> list[int]:
 
 HASH_MEMO = 1_000_000  # keys whose murmur2 the processor keeps (then it starts over)
 POINTER_TTL_S = 1.0  # how long the worker trusts its last read of the promoted-version pointer
+
+
+@dataclass
+class StagedBatch:
+    """A batch between :meth:`InterestProcessor.stage` and :meth:`InterestProcessor.step_staged`: its rows to apply
+    (none: nothing to step), with per row its user's slot, round and event count, and the step's input features."""
+
+    plan: BatchPlan
+    rows: list[tuple[Click, Message]] = field(default_factory=list)
+    row_slot: list[int] = field(default_factory=list)
+    row_round: list[int] = field(default_factory=list)
+    row_events: list[int] = field(default_factory=list)
+    feats: Any = None  # (rows, features) float32
+    work: dict[str, UserState] = field(default_factory=dict)  # the batch's users' new states (h, c set when stepped)
+    users: list[str] = field(default_factory=list)  # the batch's users, in slot order
+    sources: dict[str, UserState] = field(default_factory=dict)  # in-flight states whose h, c the users continue
 
 
 class BatchStep(Protocol):
@@ -279,6 +298,7 @@ class InterestProcessor:
         # only the promoted version publishes to the output topic (others keep their states live, invisible)
         self.publishing = True
         self._pointer_read_at = -float("inf")
+        self._handing: asyncio.Future | None = None  # the last plan's hand-over of its records (see send)
         # ORT releases the GIL: in a thread, the event loop keeps collecting and writing meanwhile
         self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="ort-step") if step_in_thread else None
 
@@ -324,8 +344,12 @@ class InterestProcessor:
         return stale
 
     async def send(self, plan: BatchPlan, producer: Any) -> None:
-        """Hand the plan's output records, dead letters and re-keys to ``producer`` (a started aiokafka producer), all
-        in flight at once, without waiting for delivery (``plan.delivery``; :meth:`finish` waits for it)."""
+        """Fill the plan's output records, dead letters and re-keys into record batches for ``producer`` (a started
+        aiokafka producer) and hand them over in the background, after the earlier plans' (``plan.delivery``;
+        :meth:`publish` waits for it): returns without waiting for the hand-over or the delivery.
+
+        The hand-over waits whenever a partition already has a batch on its way to the broker (aiokafka sends one
+        per partition at a time); done inline, that wait held up the next batch's step by 25-80 ms a batch."""
         # straight into aiokafka's record batches: send() would cost ~25 us a record
         batches = RecordBatches(producer)
         add = batches.add
@@ -355,14 +379,23 @@ class InterestProcessor:
             add(dlq_topic, partition_for(dlq_topic, dlq_key), msg.key, value, headers)
         for key, msg in plan.rekey:
             add(rekey_topic, partition_for(rekey_topic, key), key, msg.value or b"", original_headers(msg))
-        plan.delivery = await batches.send()
+        earlier = self._handing
+
+        async def hand_over() -> list[asyncio.Future]:
+            if earlier is not None:
+                await earlier  # in batch order (an earlier failure fails this one too: nothing is acked past it)
+            return await batches.send()
+
+        plan.delivery = self._handing = asyncio.ensure_future(hand_over())
+        # a failure is raised by publish(); the worker abandons then (nothing here to report it twice)
+        plan.delivery.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def publish(self, plan: BatchPlan, producer: Any) -> None:
         """:meth:`send` (unless done already), then wait until the broker has every record of the plan."""
         if plan.delivery is None:
             await self.send(plan, producer)
-        if plan.delivery:
-            await asyncio.gather(*plan.delivery)
+        assert plan.delivery is not None
+        await asyncio.gather(*await plan.delivery)
 
     async def finish(self, plan: BatchPlan, producer: Any) -> None:
         """The second half of a batch: publish (:meth:`publish`), then write Redis (:meth:`write`), then count.
@@ -420,20 +453,48 @@ class InterestProcessor:
         self, plan: BatchPlan, accepted: list[tuple[Click, Message]], producer: Any = None
     ) -> BatchPlan:
         """Steps 2-5 for a routed batch (:meth:`route`), in batch order: it builds on the earlier batches' states."""
+        return await self.step_staged(await self.stage(plan, accepted), producer)
+
+    async def stage(self, plan: BatchPlan, accepted: list[tuple[Click, Message]]) -> StagedBatch:
+        """Steps 2 and 3 and the step's input features: everything before ORT, which needs no earlier batch's
+        stepped h and c. The users' new states go into ``inflight`` at once, their h and c to follow at the step.
+
+        So the step process stages batch n+1 while ORT steps batch n (:meth:`step_staged`, batches in order: n+1's
+        h and c are read from n's states once n is stepped). Batches are staged in order too."""
         await self.check_promoted()
+        staged = StagedBatch(plan)
         if not accepted:
-            return await self._sent(plan, producer)
-        work, users = await self._load(accepted)
+            return staged
+        work, users, sources = await self._load(accepted)
         rows, row_slot, row_round, gaps, row_events = self._dedup(plan, accepted, work)
-        if not rows:
-            return await self._sent(plan, producer)
-        slot = {u: i for i, u in enumerate(users)}
-        H, C, P = await self._step(rows, row_slot, row_round, gaps, work, users, plan)
-        self._publish(plan, rows, row_events, work, slot, H, C, P)
+        if rows:
+            n = len(rows)
+            staged.feats = self.encoder.encode(
+                [c.categories for c, _ in rows],
+                np.fromiter((c.action for c, _ in rows), dtype=np.int64, count=n),
+                np.asarray(gaps, dtype=np.float64),
+            )
+            staged.rows, staged.row_slot, staged.row_round, staged.row_events = rows, row_slot, row_round, row_events
+            staged.work, staged.users, staged.sources = work, users, sources
+            inflight = self.inflight
+            for click, _ in rows:
+                inflight[click.user_id] = work[click.user_id]
+        return staged
+
+    async def step_staged(self, staged: StagedBatch, producer: Any = None) -> BatchPlan:
+        """Steps 4 and 5 of a staged batch (:meth:`stage`), after every batch staged before it."""
+        plan = staged.plan
+        if staged.rows:
+            H, C, P = await self._step(staged, plan)
+            slot = {u: i for i, u in enumerate(staged.users)}
+            self._publish(plan, staged.rows, staged.row_events, staged.work, slot, H, C, P)
         return await self._sent(plan, producer)
 
-    async def _load(self, accepted: list[tuple[Click, Message]]) -> tuple[dict[str, UserState], list[str]]:
-        """Step 2: the batch's users' states, as copies (a cached state changes only once Redis has the new one)."""
+    async def _load(
+        self, accepted: list[tuple[Click, Message]]
+    ) -> tuple[dict[str, UserState], list[str], dict[str, UserState]]:
+        """Step 2: the batch's users' states, as copies (a cached state changes only once Redis has the new one), and
+        the in-flight states whose h and c they continue (read when the batch is stepped: see :meth:`stage`)."""
         users = list(dict.fromkeys(c.user_id for c, _ in accepted))
         inflight = self.inflight
         # taken before the await: a write finishing meanwhile drops its states from inflight
@@ -446,7 +507,7 @@ class InterestProcessor:
                 work[u] = UserState(h=self.h0, c=self.c0)
             else:  # copy: the cached state changes only once Redis has the new one
                 work[u] = UserState(st.h, st.c, st.events, st.last_ts, dict(st.positions), st.recent)
-        return work, users
+        return work, users, carried
 
     def _dedup(
         self, plan: BatchPlan, accepted: list[tuple[Click, Message]], work: dict[str, UserState]
@@ -482,19 +543,16 @@ class InterestProcessor:
             row_round.append(r)
         return rows, row_slot, row_round, gaps, row_events
 
-    async def _step(self, rows, row_slot, row_round, gaps, work, users, plan) -> tuple[Any, Any, Any]:
+    async def _step(self, staged: StagedBatch, plan: BatchPlan) -> tuple[Any, Any, Any]:
         """Step 4: every user's events of the batch in order, the users together (a few ORT calls)."""
-        n = len(rows)
-        feats = self.encoder.encode(
-            [c.categories for c, _ in rows],
-            np.fromiter((c.action for c, _ in rows), dtype=np.int64, count=n),
-            np.asarray(gaps, dtype=np.float64),
-        )
-        H = np.stack([work[u].h for u in users]).astype(np.float32, copy=False)
-        C = np.stack([work[u].c for u in users]).astype(np.float32, copy=False)
-        P = np.empty((n, len(self.categories)), dtype=np.float32)
-        rounds = np.asarray(row_round)
-        slots = np.asarray(row_slot)
+        feats, work, sources = staged.feats, staged.work, staged.sources
+        # an in-flight user continues from the h and c its earlier batch stepped (that batch's step is done by now)
+        start = [sources.get(u) or work[u] for u in staged.users]
+        H = np.stack([st.h for st in start]).astype(np.float32, copy=False)
+        C = np.stack([st.c for st in start]).astype(np.float32, copy=False)
+        P = np.empty((len(staged.rows), len(self.categories)), dtype=np.float32)
+        rounds = np.asarray(staged.row_round)
+        slots = np.asarray(staged.row_slot)
         t0 = time.perf_counter()
         if self._step_thread is None:
             self.stepper(feats, H, C, P, rounds, slots)
@@ -563,7 +621,7 @@ class InterestProcessor:
             fields["updated_at"] = updated_at
             writes.append(UserWrite(user_key(u), fields, st.events))
             states[u] = st
-        self.inflight.update(plan.states)  # the next batch starts from these, before they reach Redis
+        # the next batch starts from these, before they reach Redis (there already since stage(): now with h, c)
 
     async def _sent(self, plan: BatchPlan, producer: Any) -> BatchPlan:
         if producer is not None:

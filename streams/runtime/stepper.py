@@ -56,7 +56,7 @@ from models import errors
 from models.errors import InterestStreamError, ServiceError
 from streams.core.events import Click
 from streams.core.metrics import Metrics
-from streams.core.processor import BatchPlan, Message, RawMessage, Router
+from streams.core.processor import BatchPlan, Message, RawMessage, Router, StagedBatch
 from streams.logs import logging_config
 from streams.settings import Settings
 
@@ -366,6 +366,7 @@ async def serve(sock: socket.socket) -> int:
 
     to_route: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()
     to_prepare: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()
+    to_step: asyncio.Queue[tuple[int, StagedBatch]] = asyncio.Queue()
     to_finish: asyncio.Queue[tuple[int, BatchPlan]] = asyncio.Queue()
     failed = asyncio.Event()
 
@@ -379,11 +380,17 @@ async def serve(sock: socket.socket) -> int:
             to_prepare.put_nowait((batch_id, routed))
             await writer.drain()
 
-    async def preparing() -> None:
+    async def staging() -> None:
+        """Dedup and features of each batch, while ORT steps the one before it (see InterestProcessor.stage)."""
         while True:
             batch_id, (plan, accepted) = await to_prepare.get()
+            to_step.put_nowait((batch_id, await processor.stage(plan, accepted)))
+
+    async def stepping() -> None:
+        while True:
+            batch_id, staged = await to_step.get()
             # the records go to the producer at once: their delivery overlaps the previous batch's Redis write
-            plan = await processor.prepare_routed(plan, accepted, producer)
+            plan = await processor.step_staged(staged, producer)
             relay.flush()
             to_finish.put_nowait((batch_id, plan))  # the worker always finishes what it prepared: no need to wait
 
@@ -402,7 +409,7 @@ async def serve(sock: socket.socket) -> int:
             send(("error", repr(exc)))
             failed.set()
 
-    tasks = [asyncio.ensure_future(t()) for t in (routing, preparing, finishing)]
+    tasks = [asyncio.ensure_future(t()) for t in (routing, staging, stepping, finishing)]
     for task in tasks:
         task.add_done_callback(check)
     reading = asyncio.ensure_future(_serve_frames(reader, processor, to_route))

@@ -90,7 +90,8 @@ def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rcli
             first = await proc.prepare(msgs[:3], producer)
             second = await proc.prepare(msgs[3:], producer)  # stepped on the first batch's states, not yet in Redis
             assert first.delivery and second.delivery
-            await asyncio.wait_for(asyncio.gather(*first.delivery, *second.delivery), 30)
+            handed = await asyncio.wait_for(asyncio.gather(first.delivery, second.delivery), 30)
+            await asyncio.wait_for(asyncio.gather(*handed[0], *handed[1]), 30)
             assert not rclient.exists(key)  # delivered, not written
             await proc.finish(first, producer)
             assert int(rclient.hget(key, "events")) == 3
