@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     """Faust's consumer hands whole fetches to the worker's batch pipeline (``streams.runtime.batches``); ``false``
     sends every event through Faust's per-event stream instead (the previous path, kept for one release)."""
     step_process: bool = True
-    """Step batches (decode, ONNX Runtime, output records, Redis) in a child process, beside Faust's interpreter."""
+    """Step batches (dedup, ONNX Runtime, output records, Redis) in a child process, beside Faust's interpreter."""
     gil_switch_ms: float = Field(1.0, gt=0, le=100)
     """Python's GIL switch interval in the worker and its step process (Python's default is 5 ms): how long Faust's
     consumer thread (or the ORT thread) can wait for the GIL while the event loop runs."""
