@@ -26,7 +26,16 @@ import redis
 
 from models.errors import ServiceError
 from streams.local import services
-from streams.local.services import RUN_DIR, Service, free_port, port_is_free, start_redis, wait_until
+from streams.local.services import (
+    RUN_DIR,
+    Service,
+    ephemeral_low,
+    free_port,
+    pick_port,
+    port_is_free,
+    start_redis,
+    wait_until,
+)
 
 LOCAL_CLUSTER_PORTS = tuple(range(16380, 16386))
 NODE_TIMEOUT_MS = 2000
@@ -163,7 +172,14 @@ def _cli(argv: list[str], password: str | None, timeout: float) -> subprocess.Co
 
 
 def node_port() -> int:
-    """A free port for a cluster node whose bus port (10000 above it, Redis's rule) is free too."""
+    """A free port for a cluster node whose bus port (10000 above it, Redis's rule) is free too: both below the
+    kernel's ephemeral range where it leaves room (see :func:`~streams.local.services.free_port`), node ports 5,000
+    below the ports free_port hands out and bus ports clear of both."""
+    low = ephemeral_low()
+    if low > 28_000:
+        port = pick_port(low - 20_768, low - 15_768, lambda p: port_is_free(p) and port_is_free(p + 10_000))
+        if port is not None:
+            return port
     for _ in range(200):
         port = free_port()
         if port <= 55535 and port_is_free(port + 10000):

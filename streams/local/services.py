@@ -16,6 +16,7 @@ import argparse
 import base64
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -79,11 +80,47 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port / pick_port returned in this process: never returned twice
+_RNG = random.Random()  # its own: a test seeding the global one must not make two processes pick the same ports
+
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's range for client sockets' local ports (Linux's default: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def pick_port(lo: int, hi: int, ok: Callable[[int], bool] = port_is_free) -> int | None:
+    """A random port of [lo, hi] that ``ok`` accepts and this process has not handed out before (None: none found)."""
+    for _ in range(500):
+        port = _RNG.randint(lo, hi)
+        if port not in _HANDED_OUT and ok(port):
+            _HANDED_OUT.add(port)
+            return port
+    return None
+
+
 def free_port() -> int:
-    """A port that is free right now on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free right now on 127.0.0.1, for a service this process is about to start.
+
+    Taken from the 5,000 ports below the kernel's ephemeral range where there is room: a port the kernel hands out
+    itself (bind to port 0) is also where it puts client sockets' local ports, and one of the many connections a
+    test session makes took such a port between its pick and the service's start. Never the same port twice in one
+    process; the kernel's choice only where the ephemeral range leaves no room below it."""
+    low = ephemeral_low()
+    if low > 28_000:
+        port = pick_port(low - 5_000, low - 1)
+        if port is not None:
+            return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(
