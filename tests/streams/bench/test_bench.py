@@ -84,3 +84,6 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
     assert set(res["targets"]) and all(isinstance(v, bool) for v in res["targets"].values())
     assert "| target |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    services = out / "logs" / "services"
+    assert list(services.glob("broker-*.log")) and list(services.glob("redis-*.log")), "the services' logs are kept"
+    assert not list(services.glob("**/kafka-*/data")), "the broker's log segments are removed after the run"
