@@ -286,7 +286,11 @@ class InterestProcessor:
         self.top_n = min(settings.top_n, len(self.categories))
         # `{"category":<name>,"p":` per category: a row's top list is these joined with its probabilities' JSON,
         # the bytes orjson writes for the list of dicts, at a fraction of the cost of building the dicts
-        self._top_prefix = [b'{"category":' + orjson.dumps(name) + b',"p":' for name in self.categories]
+        # (the first entry opens the list, the others close the entry before them), in object arrays that a row's
+        # top indices pick from at once
+        prefixes = [b'{"category":' + orjson.dumps(name) + b',"p":' for name in self.categories]
+        self._top_first = np.array([b"[" + p for p in prefixes] + [None], dtype=object)[:-1]
+        self._top_next = np.array([b"}," + p for p in prefixes] + [None], dtype=object)[:-1]
         self.window_bytes = 8 * settings.dedup_window
         self.h0 = np.asarray(meta.h0, dtype=np.float32)
         self.c0 = np.asarray(meta.c0, dtype=np.float32)
@@ -564,41 +568,46 @@ class InterestProcessor:
             self.metrics.ort_step_seconds.observe(plan.ort_seconds)
         return H, C, P
 
+    def _tops(self, P: np.ndarray) -> list[bytes]:
+        """Each row's ``[{"category": name, "p": p}, ...]``, top_n by p (rounded to 6 places), as JSON bytes: one
+        bytes join over the batch, cut at the newlines that end the rows (orjson never writes a raw newline)."""
+        n, k = P.shape[0], self.top_n
+        top_idx = np.argsort(-P, axis=1, kind="stable")[:, :k]  # (rows, k)
+        top_p = np.round(np.take_along_axis(P, top_idx, axis=1).astype(np.float64), 6)
+        values = orjson.dumps(top_p, option=orjson.OPT_SERIALIZE_NUMPY)[2:-2].replace(b"],[", b",").split(b",")
+        parts = np.empty((n, 2 * k + 1), dtype=object)  # (rows, prefix, value, prefix, value, ..., end)
+        parts[:, 0] = self._top_first[top_idx[:, 0]]
+        parts[:, 2:-1:2] = self._top_next[top_idx[:, 1:]]
+        parts[:, 1:-1:2] = np.array(values, dtype=object).reshape(n, k)
+        parts[:, -1] = b"}]\n"
+        return b"".join(parts.ravel().tolist()).split(b"\n")[:-1]
+
     def _publish(self, plan, rows, row_events, work, slot, H, C, P) -> None:
         """Step 5: one output record per applied event, one Redis write per user (its last event)."""
         # P is serialised once (float32 shortest repr) and cut into rows, embedded as JSON fragments.
         now = time.time()
         blob = orjson.dumps(P, option=orjson.OPT_SERIALIZE_NUMPY)
         probs_json = [b"[" + row + b"]" for row in blob[2:-2].split(b"],[")]
-        top_idx = np.argsort(-P, axis=1, kind="stable")[:, : self.top_n]
-        top_p = np.round(np.take_along_axis(P, top_idx, axis=1).astype(np.float64), 6)
-        pre = self._top_prefix
-        top_vals = [
-            row.split(b",") for row in orjson.dumps(top_p, option=orjson.OPT_SERIALIZE_NUMPY)[2:-2].split(b"],[")
-        ]
-        tops = [
-            b"[" + b"},".join([pre[k] + v for k, v in zip(ks, vs, strict=True)]) + b"}]"
-            for ks, vs in zip(top_idx.tolist(), top_vals, strict=True)
-        ]
+        tops = self._tops(P)
         last_row: dict[str, int] = {}
-        dumps = orjson.dumps
-        Fragment = orjson.Fragment
+        dumps, join = orjson.dumps, b"".join
+        # the record as orjson writes {"user_id", "probs", "top", "model_version", "event_time", "processed_at",
+        # "events", "event_id"}, joined from its parts: a third of the cost of a dict per record and its dumps
         version = self.version
+        head, probs, top = b'{"user_id":', b',"probs":', b',"top":'
+        mid = b',"model_version":' + dumps(version) + b',"event_time":'
+        at, event_id = b',"processed_at":' + dumps(now) + b',"events":', b',"event_id":'
         produce_ts, event_ts, outputs = plan.produce_ts, plan.event_ts, plan.outputs
         for i, (click, msg) in enumerate(rows):
             u = click.user_id
             last_row[u] = i
-            record = {
-                "user_id": u,
-                "probs": Fragment(probs_json[i]),
-                "top": Fragment(tops[i]),
-                "model_version": version,
-                "event_time": click.ts,
-                "processed_at": now,
-                "events": row_events[i],
-                "event_id": click.event_id,
-            }
-            outputs.append((u.encode(), dumps(record)))
+            record = join(
+                (
+                    head, dumps(u), probs, probs_json[i], top, tops[i], mid, dumps(click.ts), at,
+                    b"%d" % row_events[i], event_id, dumps(click.event_id), b"}",
+                )
+            )  # fmt: skip
+            outputs.append((u.encode(), record))
             produce_ts.append(msg.timestamp)
             event_ts.append(click.ts)
 

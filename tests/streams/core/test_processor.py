@@ -281,3 +281,29 @@ def test_murmur2_many_is_kafkas_murmur2_for_every_length() -> None:
     assert murmur2_many(keys) == [murmur2(k) & 0x7FFFFFFF for k in keys]
     # partitions of 1000 that Java's client gives (the values kafka-python checks its murmur2 against)
     assert [h % 1000 for h in murmur2_many(keys[-7:-1])] == [681, 524, 434, 107, 566, 742]
+
+
+def test_output_records_are_the_documented_json_byte_for_byte(setup, rclient) -> None:
+    """The worker joins each output record from parts; they are exactly what orjson writes for the record's dict
+    (its fields in the documented order), for ids that need escaping too, and `top` is the top_n of `probs`."""
+    settings, session, make = setup
+    proc = make()
+    ids = ['q"uote', "new\nline", "uni\u00e9\u4e2d", "back\\slash", "tab\t", "e" * 200]
+    events = [
+        {"user_id": f"u{i % 3}", "item_id": str(1 + i), "ts": 1_000.25 + i, "event_id": eid}
+        for i, eid in enumerate(ids)
+    ]
+    plan = asyncio.run(_run(proc, raw_messages(settings, events)))
+    assert plan.applied == len(events) and len(plan.outputs) == len(events)
+    fields = ["user_id", "probs", "top", "model_version", "event_time", "processed_at", "events", "event_id"]
+    categories = list(session.meta.categories)
+    for (key, value), event in zip(plan.outputs, events, strict=True):
+        record = orjson.loads(value)
+        assert list(record) == fields and orjson.dumps(record) == value
+        assert key == event["user_id"].encode() and record["event_id"] == event["event_id"]
+        assert record["event_time"] == event["ts"] and record["model_version"] == proc.version
+        probs = np.asarray(record["probs"], dtype=np.float32)
+        order = np.argsort(-probs, kind="stable")[: settings.top_n]
+        assert [t["category"] for t in record["top"]] == [categories[k] for k in order]
+        assert [t["p"] for t in record["top"]] == [float(np.round(np.float64(probs[k]), 6)) for k in order]
+    assert [orjson.loads(v)["events"] for _, v in plan.outputs] == [1, 1, 1, 2, 2, 2]
