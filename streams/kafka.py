@@ -142,6 +142,7 @@ def output_producer(settings: Settings) -> Any:
         enable_idempotence=True,
         linger_ms=1,
         max_batch_size=256 * 1024,
+        compression_type=None if settings.output_compression == "none" else settings.output_compression,
         client_id=settings.app_id,
     )
 

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     """Topic the click events arrive on (JSON, keyed by user id)."""
     output_topic: str = "interests"
     """Topic one refreshed distribution per applied event goes to (JSON, keyed by user id)."""
+    output_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    """Codec of the worker's record batches (output, dead letters, re-keys), as Kafka's ``compression.type``."""
     dlq_topic: str = "clicks-dlq"
     """Dead-letter topic: original bytes of invalid events, reason in headers."""
     rekey_topic: str = "clicks-rekeyed"

@@ -74,10 +74,12 @@ def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
     assert int(rclient.hget(ukey(settings, "a"), "events")) == 2
 
 
-def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rclient) -> None:
+@pytest.mark.parametrize("compression", ["none", "zstd", "lz4"])
+def test_records_go_out_at_prepare_and_redis_waits_for_finish(settings_for, rclient, compression) -> None:
     """prepare(..., producer) hands a batch's records over at once, so their delivery overlaps the previous batch's
-    Redis write; Redis is written only by finish, after delivery; two batches' records arrive in order."""
-    settings = settings_for(device="cpu")
+    Redis write; Redis is written only by finish, after delivery; two batches' records arrive in order (in batches
+    compressed as INTEREST_OUTPUT_COMPRESSION says, which a consumer reads)."""
+    settings = settings_for(device="cpu", output_compression=compression)
     proc = InterestProcessor.from_settings(settings, ensure_topics(settings))
     events = [{"user_id": "p", "item_id": str(i), "ts": 100 + i, "event_id": f"p{i}"} for i in range(1, 7)]
     msgs = raw_messages(settings, events)
