@@ -15,8 +15,9 @@ guarantees, two interpreters.
 Frames: a 4-byte big-endian length, then a pickled tuple (both ends are this module).
     worker -> child   ("start", settings, {topic: partitions}), first
                       ("prepare", id, events, dead, rekey)    a routed batch (Router.route), in batch order:
-                                               events: [(user_id, categories, action, ts, fingerprint, event_id,
-                                                         topic, partition, offset, timestamp), ...]   (to step)
+                                               events: the events to step, as columns (see _columns): lists of
+                                                       user_id, categories, event_id, topic; arrays of action,
+                                                       ts, partition, offset, timestamp; fingerprints joined
                                                dead: [(row, reason, detail), ...]   rekey: [(user key, row), ...]
                                                row: (topic, partition, offset, key, value, timestamp, headers)
                                                say "prepared", step the events and hand the batch's records to the
@@ -49,7 +50,9 @@ import socket
 import struct
 import subprocess
 import sys
+from array import array
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 from models import errors
@@ -200,21 +203,7 @@ class StepperProcess:
         prepared = self._expect("prepared", batch_id)
         self._finished[batch_id] = self._expect("finished", batch_id)
         routed, accepted = self.router.route(messages)
-        events = [
-            (
-                c.user_id,
-                c.categories,
-                c.action,
-                c.ts,
-                c.fingerprint,
-                c.event_id,
-                m.topic,
-                m.partition,
-                m.offset,
-                m.timestamp,
-            )
-            for c, m in accepted
-        ]
+        events = _columns(accepted)
         dead = [(_row(m), reason, detail) for m, reason, detail in routed.dead]
         rekey = [(key, _row(m)) for key, m in routed.rekey]
         try:
@@ -254,14 +243,37 @@ def _row(m: Message) -> tuple:
     return (m.topic, m.partition, m.offset, m.key, m.value, m.timestamp, m.headers or None)
 
 
-def _unpack(events: list[tuple], dead: list[tuple], rekey: list[tuple]) -> tuple[BatchPlan, list]:
+def _columns(accepted: Sequence[tuple[Click, Message]]) -> tuple:
+    """A batch's events as columns: a frame of a few lists and arrays pickles and loads in a fraction of the time of
+    a tuple per event (the child's share of the hand-off was ~8 % of its time), and the child builds its objects
+    from them with ``map``."""
+    clicks = [c for c, _ in accepted]
+    msgs = [m for _, m in accepted]
+    return (
+        [c.user_id for c in clicks],
+        [c.categories for c in clicks],  # the decoder's tuples, one per item: pickled once each
+        [c.event_id for c in clicks],
+        [m.topic for m in msgs],
+        array("q", [c.action for c in clicks]),
+        array("d", [c.ts for c in clicks]),
+        b"".join([c.fingerprint for c in clicks]),  # 8 bytes each
+        array("q", [m.partition for m in msgs]),
+        array("q", [m.offset for m in msgs]),
+        array("d", [m.timestamp for m in msgs]),
+    )
+
+
+def _unpack(events: tuple, dead: list[tuple], rekey: list[tuple]) -> tuple[BatchPlan, list]:
     """The child's side of a "prepare" frame: the batch as :meth:`Router.route` returned it in the worker."""
     plan = BatchPlan(
         dead=[(RawMessage(*row), reason, detail) for row, reason, detail in dead],
         rekey=[(key, RawMessage(*row)) for key, row in rekey],
     )
-    accepted = [(Click(*e[:6]), RawMessage(e[6], e[7], e[8], None, None, e[9])) for e in events]
-    return plan, accepted
+    users, categories, event_ids, topics, actions, ts, fingerprints, partitions, offsets, stamps = events
+    prints = [fingerprints[i : i + 8] for i in range(0, 8 * len(users), 8)]
+    clicks = map(Click, users, categories, actions.tolist(), ts.tolist(), prints, event_ids)
+    msgs = map(RawMessage, topics, partitions.tolist(), offsets.tolist(), repeat(None), repeat(None), stamps.tolist())
+    return plan, list(zip(clicks, msgs, strict=True))
 
 
 class MetricsRelay:

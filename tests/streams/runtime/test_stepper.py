@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 
 import orjson
@@ -14,10 +15,11 @@ import pytest
 
 from export.runtime import StepSession
 from models.errors import ModelError, ServiceError
+from streams.core.events import Click
 from streams.core.metrics import Metrics
 from streams.core.processor import RawMessage
 from streams.kafka import ensure_topics
-from streams.runtime.stepper import MetricsRelay, StepperProcess, apply_metrics
+from streams.runtime.stepper import MetricsRelay, StepperProcess, _columns, _unpack, apply_metrics
 from streams.tools.verify import verify_events
 from tests.harness import consume_all, ml_events, raw_messages, start_worker, wait_for
 
@@ -128,3 +130,22 @@ def test_metrics_relay_replays_every_call():
     assert sample("interest_redis_write_seconds_count") == 1
     assert sample("interest_latency_from_produce_seconds_count") == 2
     assert sample("interest_latency_from_event_seconds_bucket", {"le": "0.001"}) == 1  # negative counts as zero
+
+
+def test_a_prepare_frame_carries_every_field_of_every_event() -> None:
+    """The worker sends a batch's events as columns; the child rebuilds the same clicks and messages from them."""
+    users = ["a", "\u00e9l\u00e8ve", "u-3@x.y", "a"]
+    clicks = [
+        Click(u, (i % 3, 7)[: 1 + i % 2], i % 4, 1_700_000_000.125 + i, bytes([i]) * 8, None if i % 2 else f"e\n{i}")
+        for i, u in enumerate(users)
+    ]
+    msgs = [
+        RawMessage(("clicks", "clicks-rekeyed.v1")[i % 2], 3 * i, 2**40 + i, b"k", b"v", 1.7e9 + i / 7)
+        for i in range(4)
+    ]
+    plan, accepted = _unpack(*pickle.loads(pickle.dumps((_columns(list(zip(clicks, msgs, strict=True))), [], []))))
+    assert [c for c, _ in accepted] == clicks
+    assert [(m.topic, m.partition, m.offset, m.timestamp) for _, m in accepted] == [
+        (m.topic, m.partition, m.offset, m.timestamp) for m in msgs
+    ]
+    assert not plan.dead and not plan.rekey and _unpack(_columns([]), [], [])[1] == []
