@@ -17,7 +17,7 @@ from pathlib import Path
 
 from models.data import ML100K, load_dataset
 from streams.bench.common import Plan, log, stop_all
-from streams.bench.run import Bench
+from streams.bench.run import Bench, drop_data
 from streams.bench.workloads import looped_events
 
 
@@ -64,5 +64,6 @@ def ab(argv: list[str]) -> int:
         stop_all(bench.procs, 10)
         broker.stop()
         redis.stop()
+        drop_data(out / "logs" / "services")  # the topics' ~1-2 GB; the services' logs stay
     (out / "ab.json").write_text(json.dumps(results, indent=1, default=float))
     return 0
