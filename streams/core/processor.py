@@ -289,8 +289,8 @@ class InterestProcessor:
         # (the first entry opens the list, the others close the entry before them), in object arrays that a row's
         # top indices pick from at once
         prefixes = [b'{"category":' + orjson.dumps(name) + b',"p":' for name in self.categories]
-        self._top_first = np.array([b"[" + p for p in prefixes] + [None], dtype=object)[:-1]
-        self._top_next = np.array([b"}," + p for p in prefixes] + [None], dtype=object)[:-1]
+        self._top_first = np.array([b"[" + p for p in prefixes], dtype=object)
+        self._top_next = np.array([b"}," + p for p in prefixes], dtype=object)
         self.window_bytes = 8 * settings.dedup_window
         self.h0 = np.asarray(meta.h0, dtype=np.float32)
         self.c0 = np.asarray(meta.c0, dtype=np.float32)

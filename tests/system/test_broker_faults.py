@@ -142,7 +142,8 @@ def test_rebalance_storm(names, kafka_bootstrap, redis_url, trained_model, event
     prefix = names.redis_prefix
     t_start = time.monotonic()
     anchor = start_worker(names, kafka_bootstrap, redis_url, trained_model, tmp_path)
-    feeder = Feeder(kafka_bootstrap, names.input_topic, events, rate=400)  # ~50 s of events, or longer (below)
+    rate = 400  # ~50 s of events, or longer (below)
+    feeder = Feeder(kafka_bootstrap, names.input_topic, events, rate=rate)
     feeder.start()
     guests: list = []
     changes = []  # (seconds since the storm began, what happened)
@@ -166,13 +167,13 @@ def test_rebalance_storm(names, kafka_bootstrap, redis_url, trained_model, event
             assert anchor.alive(), anchor.output()[-3000:]
             # a worker's start takes seconds more on a loaded machine: near the end of the events, slow the feed to a
             # trickle so that events still flow through the last membership changes (a step takes < 20 s)
-            if n - feeder.produced < 20 * 400:
+            if n - feeder.produced < 20 * rate:
                 feeder.rate = 50
             time.sleep(2)
         storm_s = round(time.monotonic() - t_storm, 1)
         applied_in_storm = applied_events(rclient, prefix)
         assert applied_in_storm < n, "the stream must outlast the storm"
-        feeder.rate = 400
+        feeder.rate = rate
         feeder.finish()
         wait_for(lambda: applied_events(rclient, prefix) == n, WAIT, "all events applied")
         dups = sum(safe_metric(w, "interest_duplicates_skipped_total") for w in [anchor, *guests])
