@@ -4,6 +4,7 @@ first, so the broker's JIT is not charged to the first variant). Only ratios wit
     python -m streams.bench ab product '[{"tag": "b2k", "INTEREST_MAX_BATCH": "2000"}, {"tag": "b5k"}]'
     python -m streams.bench ab latency '[{"tag": "b2k", "INTEREST_MAX_BATCH": "2000"}, {"tag": "b5k"}]' --rate 19000
     python -m streams.bench ab backfill '[{"tag": "one"}, {"tag": "two"}]'
+    python -m streams.bench ab product '[{"tag": "a"}]' --users 1000000      # the users-scale stream (run.py's u1m)
 
 Each variant is a tag and INTEREST_* overrides for the worker (or the backfill); prints a line per variant and writes
 ``ab.json`` in --out. ``--loops N`` runs N passes of ML-100K a variant (product: 2, 200,000 events): effects under the
@@ -18,7 +19,7 @@ from pathlib import Path
 from models.data import ML100K, load_dataset
 from streams.bench.common import Plan, log, stop_all
 from streams.bench.run import Bench, drop_data
-from streams.bench.workloads import looped_events
+from streams.bench.workloads import looped_events, scale_events
 
 
 def ab(argv: list[str]) -> int:
@@ -31,6 +32,7 @@ def ab(argv: list[str]) -> int:
     ap.add_argument("--rate", type=float, default=14_000.0, help="events/s offered (latency)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-ab"))
     ap.add_argument("--loops", type=int, help="passes over ML-100K a run (product 2, backfill 10)")
+    ap.add_argument("--users", type=int, help="product: the users-scale stream, ids hashed into this many users")
     a = ap.parse_args(argv)
     out = a.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -45,13 +47,16 @@ def ab(argv: list[str]) -> int:
         loops = a.loops or (10 if a.job == "backfill" else 2)
         src = bench.names("src")
         topic = src["INTEREST_INPUT_TOPIC"]
-        if a.job != "latency":
-            bench.prefill(src, looped_events(ds, loops=loops), loops * len(ds.events))
+        total = loops * len(ds.events)
+        if a.job == "product" and a.users:
+            bench.prefill(src, scale_events(ds, total, a.users), total)
+        elif a.job != "latency":
+            bench.prefill(src, looped_events(ds, loops=loops), total)
         for v in [{"tag": "warm-up"}, *a.variants]:
             env = dict(v)
             tag = env.pop("tag")
             if a.job == "product":
-                r = bench.product(bench.names(tag[:8], topic) | env, loops * len(ds.events), 1, f"ab-{tag}")
+                r = bench.product(bench.names(tag[:8], topic) | env, total, 1, f"ab-{tag}")
             elif a.job == "latency":
                 r = bench.latency(ds, a.rate, bench.plan.latency_seconds, bench.plan.latency_warmup, tag, **env)
             else:
