@@ -17,8 +17,9 @@ the background) without waiting for their delivery; :meth:`InterestProcessor.fin
 plan itself), then writes Redis, and the caller (:mod:`streams.runtime.app`) acks after that. The next batch may be
 prepared before that: it builds on the states of the plans not yet written, and its records are delivered after the
 earlier plan's (one batch per partition in flight), so a batch's delivery overlaps the previous batch's Redis write.
-``prepare`` is :meth:`~InterestProcessor.stage` (steps 2-3) then :meth:`~InterestProcessor.step_staged` (4-5); the
-step process calls them apart, staging a batch while ORT steps the one before it.
+``prepare`` is :meth:`~InterestProcessor.stage` (steps 2-3), :meth:`~InterestProcessor.step_ort` (4) and
+:meth:`~InterestProcessor.publish_stepped` (5); the step process calls them apart, so that ORT steps batch n+1 while
+batch n+2 is staged and batch n's records are built.
 
 One module (~500 lines) because the five phases share one class's bookkeeping (the in-flight states, the caches, the
 metrics) and read best top to bottom; the stepping itself is :mod:`streams.core.stepping`.
@@ -170,8 +171,9 @@ POINTER_TTL_S = 1.0  # how long the worker trusts its last read of the promoted-
 
 @dataclass
 class StagedBatch:
-    """A batch between :meth:`InterestProcessor.stage` and :meth:`InterestProcessor.step_staged`: its rows to apply
-    (none: nothing to step), with per row its user's slot, round and event count, and the step's input features."""
+    """A batch between :meth:`InterestProcessor.stage` and :meth:`InterestProcessor.publish_stepped`: its rows to
+    apply (none: nothing to step), with per row its user's slot, round and event count, and the step's input
+    features; once stepped (:meth:`InterestProcessor.step_ort`), the probabilities and the users' new state bytes."""
 
     plan: BatchPlan
     rows: list[tuple[Click, Message]] = field(default_factory=list)
@@ -182,6 +184,8 @@ class StagedBatch:
     work: dict[str, UserState] = field(default_factory=dict)  # the batch's users' new states (h, c set when stepped)
     users: list[str] = field(default_factory=list)  # the batch's users, in slot order
     sources: dict[str, UserState] = field(default_factory=dict)  # in-flight states whose h, c the users continue
+    probs: Any = None  # (rows, categories) float32, once stepped
+    state_bytes: dict[str, bytes] = field(default_factory=dict)  # stepped users' h then c, little-endian float32
 
 
 class BatchStep(Protocol):
@@ -463,7 +467,7 @@ class InterestProcessor:
         """Steps 2 and 3 and the step's input features: everything before ORT, which needs no earlier batch's
         stepped h and c. The users' new states go into ``inflight`` at once, their h and c to follow at the step.
 
-        So the step process stages batch n+1 while ORT steps batch n (:meth:`step_staged`, batches in order: n+1's
+        So the step process stages batch n+1 while ORT steps batch n (:meth:`step_ort`, batches in order: n+1's
         h and c are read from n's states once n is stepped). Batches are staged in order too."""
         await self.check_promoted()
         staged = StagedBatch(plan)
@@ -487,11 +491,35 @@ class InterestProcessor:
 
     async def step_staged(self, staged: StagedBatch, producer: Any = None) -> BatchPlan:
         """Steps 4 and 5 of a staged batch (:meth:`stage`), after every batch staged before it."""
+        await self.step_ort(staged)
+        return await self.publish_stepped(staged, producer)
+
+    async def step_ort(self, staged: StagedBatch) -> None:
+        """Step 4 of a staged batch, after every batch staged before it was stepped: ORT, then each stepped user's
+        new h and c into its state, where the next batch's step starts from them. The records of this batch need not
+        be built first (:meth:`publish_stepped`), so the step process runs the next batch's ORT call meanwhile."""
+        if not staged.rows:
+            return
+        H, C, P = await self._step(staged, staged.plan)
+        staged.probs = P
+        # the users' new h and c: rows of one (users, 2H) array, whose bytes are cut into the users' state fields
+        HC = np.concatenate([H, C], axis=1).astype("<f4", copy=False)
+        n_h, row = H.shape[1], HC.shape[1] * 4
+        blob = HC.tobytes()
+        work, users, state_bytes = staged.work, staged.users, staged.state_bytes
+        for s in np.flatnonzero(np.bincount(staged.row_slot, minlength=len(users))).tolist():
+            u = users[s]
+            st, state = work[u], blob[s * row : (s + 1) * row]
+            # as a state read from Redis: views of the user's own bytes (not of HC, which one cached user would pin)
+            hc = np.frombuffer(state, dtype="<f4")
+            st.h, st.c = hc[:n_h], hc[n_h:]
+            state_bytes[u] = state
+
+    async def publish_stepped(self, staged: StagedBatch, producer: Any = None) -> BatchPlan:
+        """Step 5 of a stepped batch (:meth:`step_ort`), in batch order; with ``producer``, then :meth:`send`."""
         plan = staged.plan
         if staged.rows:
-            H, C, P = await self._step(staged, plan)
-            slot = {u: i for i, u in enumerate(staged.users)}
-            self._publish(plan, staged.rows, staged.row_events, staged.work, slot, H, C, P)
+            self._publish(plan, staged.rows, staged.row_events, staged.work, staged.state_bytes, staged.probs)
         return await self._sent(plan, producer)
 
     async def _load(
@@ -582,7 +610,7 @@ class InterestProcessor:
         parts[:, -1] = b"}]\n"
         return b"".join(parts.ravel().tolist()).split(b"\n")[:-1]
 
-    def _publish(self, plan, rows, row_events, work, slot, H, C, P) -> None:
+    def _publish(self, plan, rows, row_events, work, state_bytes, P) -> None:
         """Step 5: one output record per applied event, one Redis write per user (its last event)."""
         # P is serialised once (float32 shortest repr) and cut into rows, embedded as JSON fragments.
         now = time.time()
@@ -611,19 +639,12 @@ class InterestProcessor:
             produce_ts.append(msg.timestamp)
             event_ts.append(click.ts)
 
-        # each user's new h and c: rows of one (users, 2H) array, whose bytes are cut into the users' state fields
+        # each user's write: its new state (h and c set by step_ort) and its last row's distribution
         user_key, updated_at = self.store.key, repr(now)
-        HC = np.concatenate([H, C], axis=1).astype("<f4", copy=False)
-        n_h, row = H.shape[1], HC.shape[1] * 4
-        blob = HC.tobytes()
         writes, states = plan.writes, plan.states
         for u, i in last_row.items():
-            st, s = work[u], slot[u]
-            state = blob[s * row : (s + 1) * row]
-            # as a state read from Redis: views of the user's own bytes (not of HC, which one cached user would pin)
-            hc = np.frombuffer(state, dtype="<f4")
-            st.h, st.c = hc[:n_h], hc[n_h:]
-            fields = encode_state(st, state)
+            st = work[u]
+            fields = encode_state(st, state_bytes[u])
             fields["probs"] = probs_json[i]
             fields["top"] = tops[i]
             fields["model_version"] = version

@@ -379,6 +379,7 @@ async def serve(sock: socket.socket) -> int:
     to_route: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()
     to_prepare: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()
     to_step: asyncio.Queue[tuple[int, StagedBatch]] = asyncio.Queue()
+    to_publish: asyncio.Queue[tuple[int, StagedBatch]] = asyncio.Queue()
     to_finish: asyncio.Queue[tuple[int, BatchPlan]] = asyncio.Queue()
     failed = asyncio.Event()
 
@@ -399,10 +400,18 @@ async def serve(sock: socket.socket) -> int:
             to_step.put_nowait((batch_id, await processor.stage(plan, accepted)))
 
     async def stepping() -> None:
+        """ORT, batch after batch: the next call starts as soon as this one's states are set, while the publishing
+        task builds this batch's records (ORT releases the GIL)."""
         while True:
             batch_id, staged = await to_step.get()
+            await processor.step_ort(staged)
+            to_publish.put_nowait((batch_id, staged))
+
+    async def publishing() -> None:
+        while True:
+            batch_id, staged = await to_publish.get()
             # the records go to the producer at once: their delivery overlaps the previous batch's Redis write
-            plan = await processor.step_staged(staged, producer)
+            plan = await processor.publish_stepped(staged, producer)
             relay.flush()
             to_finish.put_nowait((batch_id, plan))  # the worker always finishes what it prepared: no need to wait
 
@@ -421,7 +430,7 @@ async def serve(sock: socket.socket) -> int:
             send(("error", repr(exc)))
             failed.set()
 
-    tasks = [asyncio.ensure_future(t()) for t in (routing, staging, stepping, finishing)]
+    tasks = [asyncio.ensure_future(t()) for t in (routing, staging, stepping, publishing, finishing)]
     for task in tasks:
         task.add_done_callback(check)
     reading = asyncio.ensure_future(_serve_frames(reader, processor, to_route))

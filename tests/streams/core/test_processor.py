@@ -309,3 +309,65 @@ def test_output_records_are_the_documented_json_byte_for_byte(setup, rclient) ->
         assert [t["category"] for t in record["top"]] == [categories[k] for k in order]
         assert [t["p"] for t in record["top"]] == [float(np.round(np.float64(probs[k]), 6)) for k in order]
     assert [orjson.loads(v)["events"] for _, v in plan.outputs] == [1, 1, 1, 2, 2, 2]
+
+
+def test_batches_stepped_while_the_one_before_is_published_give_the_sequential_result(setup, rclient) -> None:
+    """The step process runs ORT for batch n+1 before batch n's records are built, and stages n+2 before that: the
+    records and the Redis states are those of the three batches applied one after another."""
+    settings, _session, make = setup
+    rng = random.Random(7)
+    events = [
+        {"user_id": f"u{rng.randrange(12)}", "item_id": str(1 + rng.randrange(1600)), "ts": 5_000 + 30 * i,
+         "event_id": f"e{i}"}
+        for i in range(300)
+    ]  # fmt: skip
+    msgs = raw_messages(settings, events)
+    batches = [msgs[:80], msgs[80:210], msgs[210:]]
+
+    async def sequential() -> list[bytes]:
+        proc, out = make(), []
+        for b in batches:
+            out += [v for _, v in (await _run(proc, b)).outputs]
+        return out
+
+    async def overlapped() -> list[bytes]:
+        proc = make()
+        s1 = await proc.stage(*proc.router.route(batches[0]))
+        s2 = await proc.stage(*proc.router.route(batches[1]))
+        await proc.step_ort(s1)
+        s3 = await proc.stage(*proc.router.route(batches[2]))
+        await proc.step_ort(s2)
+        p1 = await proc.publish_stepped(s1)
+        await proc.step_ort(s3)
+        p2 = await proc.publish_stepped(s2)
+        await proc.write(p1)
+        p3 = await proc.publish_stepped(s3)
+        await proc.write(p2)
+        await proc.write(p3)
+        return [v for p in (p1, p2, p3) for _, v in p.outputs]
+
+    def comparable(records: list[bytes]) -> list[dict]:
+        return [{k: v for k, v in orjson.loads(r).items() if k != "processed_at"} for r in records]
+
+    def stored() -> dict[str, dict]:
+        users = sorted({e["user_id"] for e in events})
+        fields = ("probs", "events", "state", "pos", "recent")
+        return {u: dict(zip(fields, rclient.hmget(ukey(settings, u), fields), strict=True)) for u in users}
+
+    expected = comparable(asyncio.run(sequential()))
+    expected_state = stored()
+    rclient.flushdb()
+    got = comparable(asyncio.run(overlapped()))
+    assert len(got) == len(events) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert {k: v for k, v in g.items() if k not in ("probs", "top")} == {
+            k: v for k, v in e.items() if k not in ("probs", "top")
+        }
+        assert np.max(np.abs(np.asarray(g["probs"]) - np.asarray(e["probs"]))) <= 1e-6
+    got_state = stored()
+    assert got_state.keys() == expected_state.keys()
+    for u, e in expected_state.items():
+        g = got_state[u]
+        assert (g["events"], g["pos"], g["recent"]) == (e["events"], e["pos"], e["recent"]) and g["events"]
+        diff = np.abs(np.frombuffer(g["state"], "<f4") - np.frombuffer(e["state"], "<f4"))
+        assert diff.max() <= 1e-6
