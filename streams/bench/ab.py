@@ -34,6 +34,8 @@ def ab(argv: list[str]) -> int:
     ap.add_argument("--loops", type=int, help="passes over ML-100K a run (product 2, backfill 10)")
     ap.add_argument("--users", type=int, help="product: the users-scale stream, ids hashed into this many users")
     a = ap.parse_args(argv)
+    if a.users is not None and a.job != "product":
+        ap.error("--users applies to the product job only")
     out = a.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ds = load_dataset("movielens-100k", ML100K)
