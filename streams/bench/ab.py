@@ -5,6 +5,7 @@ first, so the broker's JIT is not charged to the first variant). Only ratios wit
     python -m streams.bench ab latency '[{"tag": "b2k", "INTEREST_MAX_BATCH": "2000"}, {"tag": "b5k"}]' --rate 19000
     python -m streams.bench ab backfill '[{"tag": "one"}, {"tag": "two"}]'
     python -m streams.bench ab product '[{"tag": "a"}]' --users 1000000      # the users-scale stream (run.py's u1m)
+    python -m streams.bench ab product '[{"tag": "a"}]' --profile             # py-spy each variant's worker
 
 Each variant is a tag and INTEREST_* overrides for the worker (or the backfill); prints a line per variant and writes
 ``ab.json`` in --out. ``--loops N`` runs N passes of ML-100K a variant (product: 2, 200,000 events): effects under the
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from models.data import ML100K, load_dataset
 from streams.bench.common import Plan, log, stop_all
+from streams.bench.profile import summarize_profile
 from streams.bench.run import Bench, drop_data
 from streams.bench.workloads import looped_events, scale_events
 
@@ -33,9 +35,12 @@ def ab(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-ab"))
     ap.add_argument("--loops", type=int, help="passes over ML-100K a run (product 2, backfill 10)")
     ap.add_argument("--users", type=int, help="product: the users-scale stream, ids hashed into this many users")
+    ap.add_argument("--profile", action="store_true", help="product: py-spy each variant's worker (profile-TAG.txt)")
     a = ap.parse_args(argv)
     if a.users is not None and a.job != "product":
         ap.error("--users applies to the product job only")
+    if a.profile and a.job != "product":
+        ap.error("--profile applies to the product job only")
     out = a.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ds = load_dataset("movielens-100k", ML100K)
@@ -58,7 +63,10 @@ def ab(argv: list[str]) -> int:
             env = dict(v)
             tag = env.pop("tag")
             if a.job == "product":
-                r = bench.product(bench.names(tag[:8], topic) | env, total, 1, f"ab-{tag}")
+                prof = out / f"profile-{tag}.txt" if a.profile and tag != "warm-up" else None
+                r = bench.product(bench.names(tag[:8], topic) | env, total, 1, f"ab-{tag}", prof)
+                if prof is not None and prof.exists():
+                    r["profile"] = summarize_profile(prof)
             elif a.job == "latency":
                 r = bench.latency(ds, a.rate, bench.plan.latency_seconds, bench.plan.latency_warmup, tag, **env)
             else:

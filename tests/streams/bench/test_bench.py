@@ -87,3 +87,19 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
     services = out / "logs" / "services"
     assert list(services.glob("broker-*.log")) and list(services.glob("redis-*.log")), "the services' logs are kept"
     assert not list(services.glob("**/kafka-*/data")), "the broker's log segments are removed after the run"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["latency", "[]", "--users", "1000"], "--users applies to the product job only"),
+        (["backfill", "[]", "--profile"], "--profile applies to the product job only"),
+    ],
+)
+def test_ab_rejects_options_of_another_job(args, message):
+    """Caught before any service starts: an option the job would ignore is an error, not a silent no-op."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.bench", "ab", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
