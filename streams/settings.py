@@ -47,7 +47,12 @@ class Settings(BaseSettings):
     input_topic: str = "clicks"
     """Topic the click events arrive on (JSON, keyed by user id)."""
     output_topic: str = "interests"
-    """Topic one refreshed distribution per applied event goes to (JSON, keyed by user id)."""
+    """Topic the refreshed distributions go to (JSON, keyed by user id): one per applied event, or per user and batch
+    (``output_mode``)."""
+    output_mode: Literal["event", "user"] = "event"
+    """``event``: one output record per applied event. ``user``: one per user and batch, its distribution after its last
+    event of the batch; the user's intermediate ones are skipped, as Kafka Streams' record cache skips a key's
+    intermediate updates. Redis gets the same in both."""
     output_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     """Codec of the worker's record batches (output, dead letters, re-keys), as Kafka's ``compression.type``."""
     dlq_topic: str = "clicks-dlq"

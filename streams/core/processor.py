@@ -79,7 +79,8 @@ class RawMessage:
 class BatchPlan:
     """Everything one batch leads to; published and written by the caller, in that order."""
 
-    outputs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (user key, InterestUpdate JSON)
+    # (user key, InterestUpdate JSON): per applied event, or per user (Settings.output_mode "user")
+    outputs: list[tuple[bytes, bytes]] = field(default_factory=list)
     dead: list[tuple[Message, str, str]] = field(default_factory=list)  # (message, reason, detail)
     rekey: list[tuple[bytes, Message]] = field(default_factory=list)  # (user key, message)
     writes: list[UserWrite] = field(default_factory=list)
@@ -94,7 +95,7 @@ class BatchPlan:
 
     @property
     def applied(self) -> int:
-        return len(self.outputs)
+        return len(self.produce_ts)
 
 
 def decoder_for(session: StepSession, settings: Settings, catalog: dict[str, tuple[int, ...]]) -> EventDecoder:
@@ -611,13 +612,28 @@ class InterestProcessor:
         return b"".join(parts.ravel().tolist()).split(b"\n")[:-1]
 
     def _publish(self, plan, rows, row_events, work, state_bytes, P) -> None:
-        """Step 5: one output record per applied event, one Redis write per user (its last event)."""
-        # P is serialised once (float32 shortest repr) and cut into rows, embedded as JSON fragments.
+        """Step 5: one output record per applied event (per user, its last event, with ``output_mode`` "user"), one
+        Redis write per user (its last event)."""
         now = time.time()
+        last_row: dict[str, int] = {}
+        produce_ts, event_ts, outputs = plan.produce_ts, plan.event_ts, plan.outputs
+        for i, (click, msg) in enumerate(rows):
+            last_row[click.user_id] = i
+            produce_ts.append(msg.timestamp)
+            event_ts.append(click.ts)
+        # the rows whose distribution is serialised (records and Redis), in batch order: a user's records in the
+        # order of its events, so the last one on its partition is its newest
+        if self.settings.output_mode == "event":
+            published: Sequence[int] = range(len(rows))
+            at_row: Callable[[int], int] = int
+        else:
+            published = sorted(last_row.values())
+            P = P[published]
+            at_row = {r: j for j, r in enumerate(published)}.__getitem__
+        # P is serialised once (float32 shortest repr) and cut into rows, embedded as JSON fragments.
         blob = orjson.dumps(P, option=orjson.OPT_SERIALIZE_NUMPY)
         probs_json = [b"[" + row + b"]" for row in blob[2:-2].split(b"],[")]
         tops = self._tops(P)
-        last_row: dict[str, int] = {}
         dumps, join = orjson.dumps, b"".join
         # the record as orjson writes {"user_id", "probs", "top", "model_version", "event_time", "processed_at",
         # "events", "event_id"}, joined from its parts: a third of the cost of a dict per record and its dumps
@@ -625,28 +641,26 @@ class InterestProcessor:
         head, probs, top = b'{"user_id":', b',"probs":', b',"top":'
         mid = b',"model_version":' + dumps(version) + b',"event_time":'
         at, event_id = b',"processed_at":' + dumps(now) + b',"events":', b',"event_id":'
-        produce_ts, event_ts, outputs = plan.produce_ts, plan.event_ts, plan.outputs
-        for i, (click, msg) in enumerate(rows):
+        for j, i in enumerate(published):
+            click = rows[i][0]
             u = click.user_id
-            last_row[u] = i
             record = join(
                 (
-                    head, dumps(u), probs, probs_json[i], top, tops[i], mid, dumps(click.ts), at,
+                    head, dumps(u), probs, probs_json[j], top, tops[j], mid, dumps(click.ts), at,
                     b"%d" % row_events[i], event_id, dumps(click.event_id), b"}",
                 )
             )  # fmt: skip
             outputs.append((u.encode(), record))
-            produce_ts.append(msg.timestamp)
-            event_ts.append(click.ts)
 
         # each user's write: its new state (h and c set by step_ort) and its last row's distribution
         user_key, updated_at = self.store.key, repr(now)
         writes, states = plan.writes, plan.states
         for u, i in last_row.items():
             st = work[u]
+            j = at_row(i)
             fields = encode_state(st, state_bytes[u])
-            fields["probs"] = probs_json[i]
-            fields["top"] = tops[i]
+            fields["probs"] = probs_json[j]
+            fields["top"] = tops[j]
             fields["model_version"] = version
             fields["updated_at"] = updated_at
             writes.append(UserWrite(user_key(u), fields, st.events))

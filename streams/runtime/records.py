@@ -20,7 +20,8 @@ class ClickEvent(faust.Record, serializer="json"):
 
 
 class InterestUpdate(faust.Record, serializer="json"):
-    """One refreshed distribution, published to the output topic per applied event (key: the user id)."""
+    """One refreshed distribution, published to the output topic per applied event, or per user and batch with
+    ``INTEREST_OUTPUT_MODE=user`` (key: the user id)."""
 
     user_id: str
     probs: list[float]  # probability per category, in the order of the model's ``categories``

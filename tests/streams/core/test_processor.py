@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from itertools import pairwise
 
 import numpy as np
 import orjson
@@ -371,3 +372,61 @@ def test_batches_stepped_while_the_one_before_is_published_give_the_sequential_r
         assert (g["events"], g["pos"], g["recent"]) == (e["events"], e["pos"], e["recent"]) and g["events"]
         diff = np.abs(np.frombuffer(g["state"], "<f4") - np.frombuffer(e["state"], "<f4"))
         assert diff.max() <= 1e-6
+
+
+def test_output_mode_user_publishes_each_users_last_record_of_a_batch(settings_for, rclient) -> None:
+    """INTEREST_OUTPUT_MODE=user: per batch, one record per user, the one the per-event mode gives for the user's last
+    event of the batch, and after the batch before it on the topic; the same applied counts, the same Redis."""
+    rng = random.Random(11)
+    events = [
+        {"user_id": f"m{rng.randrange(9)}", "item_id": str(1 + rng.randrange(1600)), "ts": 9_000 + 20 * i,
+         "event_id": f"m{i}"}
+        for i in range(120)
+    ]  # fmt: skip
+    cuts = [0, 50, 51, 120]  # the middle batch holds one event
+
+    def run(mode: str) -> tuple[list[list[dict]], dict, list]:
+        settings = settings_for(device="cpu", output_mode=mode, partitions=4)  # as raw_messages places them
+        settings = settings.model_copy(update={"output_topic": f"{settings.output_topic}-{mode}"})
+        proc = InterestProcessor.from_settings(settings, ensure_topics(settings))
+        msgs = raw_messages(settings, events)
+
+        async def go() -> list:
+            producer = output_producer(settings)
+            await producer.start()
+            try:
+                plans = []
+                for a, b in pairwise(cuts):
+                    plan = await proc.prepare(msgs[a:b], producer)
+                    await proc.finish(plan, producer)
+                    plans.append(plan)
+                return plans
+            finally:
+                await producer.stop()
+
+        plans = asyncio.run(go())
+        assert [p.applied for p in plans] == [b - a for a, b in pairwise(cuts)]
+        records = [[{k: v for k, v in orjson.loads(r).items() if k != "processed_at"} for _, r in p.outputs]
+                   for p in plans]  # fmt: skip
+        fields = ("probs", "top", "events", "event_ts", "state", "pos", "recent")
+        users = sorted({e["user_id"] for e in events})
+        stored = {u: rclient.hmget(ukey(settings, u), fields) for u in users}
+        out = consume_all(settings.kafka_bootstrap, settings.output_topic, sum(len(r) for r in records))
+        rclient.flushdb()
+        return records, stored, out
+
+    per_event, stored_event, _ = run("event")
+    per_user, stored_user, topic = run("user")
+    for batch_events, batch_users in zip(per_event, per_user, strict=True):
+        last = {r["user_id"]: r for r in batch_events}  # each user's last record of the batch
+        assert batch_users == sorted(last.values(), key=lambda r: int(r["event_id"][1:]))
+    assert sum(len(b) for b in per_user) < len(events) // 3  # 9 users: most records were skipped
+    assert stored_user == stored_event
+    # on the topic: every user's records in order, its last one its newest state (as in Redis)
+    newest: dict[str, dict] = {}
+    for r in topic:
+        rec = orjson.loads(r.value)
+        assert rec["events"] > newest.get(rec["user_id"], {"events": 0})["events"]
+        newest[rec["user_id"]] = rec
+    assert {u: int(stored_user[u][2]) for u in newest} == {u: r["events"] for u, r in newest.items()}
+    assert len(topic) == sum(len(b) for b in per_user)
