@@ -47,6 +47,15 @@ async def _run(proc: InterestProcessor, msgs):
     return plan
 
 
+def _random_events(rng: random.Random, prefix: str, users: int, n: int, ts0: float, gap: float) -> list[dict]:
+    """``n`` events of ``users`` users (ids and event ids starting with ``prefix``), random items, ``gap`` s apart."""
+    return [
+        {"user_id": f"{prefix}{rng.randrange(users)}", "item_id": str(1 + rng.randrange(1600)), "ts": ts0 + gap * i,
+         "event_id": f"{prefix}{i}"}
+        for i in range(n)
+    ]  # fmt: skip
+
+
 def test_cold_start_then_duplicates_skipped(setup, rclient) -> None:
     settings, session, make = setup
     proc = make()
@@ -316,12 +325,7 @@ def test_batches_stepped_while_the_one_before_is_published_give_the_sequential_r
     """The step process runs ORT for batch n+1 before batch n's records are built, and stages n+2 before that: the
     records and the Redis states are those of the three batches applied one after another."""
     settings, _session, make = setup
-    rng = random.Random(7)
-    events = [
-        {"user_id": f"u{rng.randrange(12)}", "item_id": str(1 + rng.randrange(1600)), "ts": 5_000 + 30 * i,
-         "event_id": f"e{i}"}
-        for i in range(300)
-    ]  # fmt: skip
+    events = _random_events(random.Random(7), "u", users=12, n=300, ts0=5_000, gap=30)
     msgs = raw_messages(settings, events)
     batches = [msgs[:80], msgs[80:210], msgs[210:]]
 
@@ -377,12 +381,7 @@ def test_batches_stepped_while_the_one_before_is_published_give_the_sequential_r
 def test_output_mode_user_publishes_each_users_last_record_of_a_batch(settings_for, rclient) -> None:
     """INTEREST_OUTPUT_MODE=user: per batch, one record per user, the one the per-event mode gives for the user's last
     event of the batch, and after the batch before it on the topic; the same applied counts, the same Redis."""
-    rng = random.Random(11)
-    events = [
-        {"user_id": f"m{rng.randrange(9)}", "item_id": str(1 + rng.randrange(1600)), "ts": 9_000 + 20 * i,
-         "event_id": f"m{i}"}
-        for i in range(120)
-    ]  # fmt: skip
+    events = _random_events(random.Random(11), "m", users=9, n=120, ts0=9_000, gap=20)
     cuts = [0, 50, 51, 120]  # the middle batch holds one event
 
     def run(mode: str) -> tuple[list[list[dict]], dict, list]:
