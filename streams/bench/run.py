@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         r["p2"] = bench.product(bench.names("p2", topic), n, 2, "product-2w")
         per_event = bench.names("pe", topic) | {"INTEREST_BATCH_PATH": "false"}
         r["p1_events"] = bench.product(per_event, n, 1, "product-1w-event-path")
+        # not a target figure: the targets are the default contract's (a record per applied event)
+        user_mode = bench.names("pu", topic) | {"INTEREST_OUTPUT_MODE": "user"}
+        r["p1_user_mode"] = bench.product(user_mode, n, 1, "product-1w-user-mode")
         r["backfill"] = bench.backfill(ds, plan.quick)
         r["user_bytes"] = bench.user_bytes()
         r["naive"] = bench.naive(topic, plan.naive_events)
