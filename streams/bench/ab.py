@@ -74,7 +74,8 @@ def ab(argv: list[str]) -> int:
                 r = bench.run_backfill(bench.names(tag[:8], topic) | env, out / f"{name}.json", name)
                 log(f"backfill {tag}: {r['eps']:,.0f} ev/s")
             results[tag] = r
-            print(tag, json.dumps({k: r[k] for k in ("eps", "redis_ms", "stages_ms", "cpu_pct") if k in r}), flush=True)
+            shown = ("eps", "redis_ms", "generator_ack_ms", "stages_ms", "cpu_pct")
+            print(tag, json.dumps({k: r[k] for k in shown if k in r}), flush=True)
     finally:
         stop_all(bench.procs, 10)
         broker.stop()

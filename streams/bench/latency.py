@@ -33,6 +33,7 @@ class Latencies(BenchRun):
         worker = self.start_worker(env, f"latency-{tag}")
         topic = settings.input_topic
         sent_at: dict[str, float] = {}
+        acked: list[float] = []  # send -> the broker's acknowledgement, seconds: the load generator's own delay
         try:
             self.wait_ready([worker])
             # warm: group joined, model and caches warm
@@ -41,7 +42,7 @@ class Latencies(BenchRun):
             wait_for(lambda: applied() >= warmup, 120, "the latency warm-up")
             before = worker.samples()
             with CpuUse([worker.proc.pid], self.service_pids) as cpu:
-                offered = paced_send(self.bootstrap, topic, itertools.islice(events, n), rate, sent_at)
+                offered = paced_send(self.bootstrap, topic, itertools.islice(events, n), rate, sent_at, acked)
                 wait_for(lambda: applied() >= warmup + n, 120 + n / 1000, "the latency run")
             after = worker.samples()
         finally:
@@ -89,6 +90,7 @@ class Latencies(BenchRun):
             "redis_cdf": [(e, c / delta[-1][1]) for e, c in delta if e != float("inf")] if delta else [],
             "output_ms": quantiles_ms(out_lat),
             "processed_ms": quantiles_ms(proc_lat),
+            "generator_ack_ms": quantiles_ms(acked),
             "output_samples": len(out_lat),
             "cpu_pct": cpu.result,
             "output_cdf_ms": [round(out_lat[int(i * (len(out_lat) - 1) / 200)] * 1e3, 3) for i in range(201)]
@@ -96,6 +98,7 @@ class Latencies(BenchRun):
             else [],
         }
         log(f"latency at {offered:,.0f} ev/s: to Redis {redis_q}, to output {result['output_ms']}; CPU {cpu.result}")
+        log(f"  the load generator's send -> acknowledgement: {result['generator_ack_ms']}")
         log("  per batch: " + ", ".join(f"{k} p50 {v['p50']} p99 {v['p99']} ms" for k, v in stages.items()))
         return result
 

@@ -28,6 +28,7 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
         "backfill_split_s": r["backfill"]["split_s"],
         "latency_ms": lat["redis_ms"],
         "latency_output_ms": lat["output_ms"],
+        "latency_generator_ack_ms": lat["generator_ack_ms"],
         "latency_offered_eps": round(lat["offered_eps"]),
         "latency_transport_ms": r["floor"]["consumed_ms"],
         "latency_faust_ms": r["faust_latency"]["agent_ms"],
@@ -85,7 +86,7 @@ def build_result(r: dict, plan: Plan, meta: dict) -> dict:
 def write_markdown(path: Path, res: dict) -> None:
     d = res["details"]
     lat, lo, tr, fa = res["latency_ms"], res["latency_output_ms"], res["latency_transport_ms"], res["latency_faust_ms"]
-    cpu, pcpu = res["latency_cpu_pct"], res["product_cpu_pct_1w"]
+    cpu, pcpu, ack = res["latency_cpu_pct"], res["product_cpu_pct_1w"], res["latency_generator_ack_ms"]
     rows = [
         ("Faust no-op agent, take_events(2000)", f"{res['faust_noop_eps']:,}", f"{d['noop']['events']:,} events"),
         ("Quix Streams no-op application", f"{res['quix_noop_eps']:,}", f"{d['quix']['events']:,} events"),
@@ -150,7 +151,9 @@ def write_markdown(path: Path, res: dict) -> None:
         f"process {cpu.get('worker')} (Faust's process {cpu.get('worker_faust')}, the step process "
         f"{cpu.get('step_process')}), the bench's paced producer {cpu['load_generator']}, the broker "
         f"{cpu.get('broker')}, Redis {cpu.get('redis')}. Produce -> output record p99 in the run's first half "
-        f"{res['latency_output_ms_halves'][0]['p99']} ms, second half {res['latency_output_ms_halves'][1]['p99']} ms.",
+        f"{res['latency_output_ms_halves'][0]['p99']} ms, second half {res['latency_output_ms_halves'][1]['p99']} ms. "
+        f"The paced producer's own send -> acknowledgement p50 {ack['p50']} / p99 {ack['p99']} ms (what of the "
+        "latency is the load generator's).",
         "",
         f"CPU during the 1-worker product run (from its start to the last applied event, % of one core): worker and "
         f"step process {pcpu.get('worker')}, the broker {pcpu.get('broker')}, Redis {pcpu.get('redis')}: "

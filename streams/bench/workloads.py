@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections.abc import Iterable, Iterator
@@ -26,42 +25,77 @@ def scale_events(ds, total: int, users: int) -> Iterator[dict[str, object]]:
 
 
 # The load generator's producer linger: Kafka's own producer default since 4.0 (KIP-1030), as a click producer would
-# batch. Each produce request is a batch the local broker's memory engine keeps, and its cost per fetch presumably
-# grows with them (it grows through a run): at 5,400 events/s (2 interleaved pairs), 1 ms instead of 5 put the
-# machine at 160-171 % instead of 152-154 %, and the worker's consume stage p99 at 34-41 ms instead of 24, produce ->
-# Redis p99 56-68 ms instead of 46-47.
+# batch; it counts in every latency the bench measures (see paced_send).
 PRODUCER_LINGER_MS = 5
 
 
 def paced_send(
-    bootstrap: str, topic: str, events: Iterable[dict[str, object]], rate: float | None, sent_at: dict | None = None
+    bootstrap: str,
+    topic: str,
+    events: Iterable[dict[str, object]],
+    rate: float | None,
+    sent_at: dict | None = None,
+    acked: list[float] | None = None,
 ) -> float:
     """Send ``events`` keyed by user id at ``rate`` per second (paced every 10; None: as fast as they go), noting each
-    event's send time in ``sent_at``; flush; return the rate achieved.
+    event's send time in ``sent_at`` and the seconds until the broker acknowledged it in ``acked``; flush; return the
+    rate achieved. Raises ServiceError if any is not delivered.
 
-    An aiokafka producer (acks 1, linger PRODUCER_LINGER_MS), not kafka-python's: at 3,000 events/s kafka-python
-    costs the bench ~60 % of a core against aiokafka's ~30 %, CPU the worker under test shares on a small box. An
-    event's produce time (its record's CreateTime) is taken when it is handed to the producer, so the linger counts
-    in every latency the bench measures.
+    A librdkafka producer (confluent-kafka; acks 1, linger PRODUCER_LINGER_MS), as many of our users' producers are.
+    The load generator shares the small box with the worker under test, so its CPU counts: at 19,000 events/s it
+    takes 18-22 % of a core where aiokafka's took 34-49 %, and with aiokafka's the worker fell behind in 4 latency
+    runs of 7 (docs/results.md, seventh pass). One request in flight and no Nagle delay keep its own send ->
+    acknowledgement tail shorter on the loaded box (p99 230-300 ms against 515-715 ms at librdkafka's defaults, two
+    runs each). An event's produce time (its record's CreateTime, set by ``produce()``) is taken when it is handed to
+    the producer, so the linger and that delay count in every latency the bench measures; ``acked`` shows them.
     """
     import orjson
-    from aiokafka import AIOKafkaProducer
+    from confluent_kafka import KafkaException, Producer
 
-    async def go() -> float:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=PRODUCER_LINGER_MS, acks=1)
-        await producer.start()
-        try:
-            t0 = time.perf_counter()
-            n = 0
-            for n, ev in enumerate(events, 1):
-                if n % 10 == 1:  # pace (or, unpaced, let the sender run)
-                    await asyncio.sleep(max(0.0, t0 + (n - 1) / rate - time.perf_counter()) if rate else 0)
-                if sent_at is not None:
-                    sent_at[str(ev["event_id"])] = time.time()
-                await producer.send(topic, key=str(ev["user_id"]).encode(), value=orjson.dumps(ev))
-            await producer.flush()
-            return n / (time.perf_counter() - t0)
-        finally:
-            await producer.stop()
+    from models.errors import ServiceError
 
-    return asyncio.run(go())
+    failed: list[str] = []
+    now = time.time
+
+    def delivered(err, msg) -> None:
+        if err is not None:
+            failed.append(str(err))
+        elif acked is not None:  # its CreateTime, set by produce(), in ms
+            acked.append(now() - msg.timestamp()[1] / 1e3)
+
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": PRODUCER_LINGER_MS,
+            "acks": 1,
+            "max.in.flight.requests.per.connection": 1,
+            "socket.nagle.disable": True,
+            "on_delivery": delivered,
+        }
+    )
+    produce, poll = producer.produce, producer.poll
+    t0 = time.perf_counter()
+    n = 0
+    for n, ev in enumerate(events, 1):
+        if n % 10 == 1:  # pace, and serve the delivery reports
+            if rate:
+                wait = t0 + (n - 1) / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+            poll(0)
+        if sent_at is not None:
+            sent_at[str(ev["event_id"])] = now()
+        key, value = str(ev["user_id"]).encode(), orjson.dumps(ev)
+        while True:
+            try:
+                produce(topic, value, key)
+                break
+            except BufferError:  # librdkafka's queue is full (an unpaced send): let it drain
+                poll(0.05)
+            except KafkaException as exc:
+                raise ServiceError(f"the load generator could not produce to {topic}: {exc}") from exc
+    left = producer.flush(60)
+    elapsed = time.perf_counter() - t0
+    if left or failed:
+        raise ServiceError(f"the load generator lost {left + len(failed)} events to {topic}: {failed[:3]}")
+    return n / max(elapsed, 1e-9)

@@ -36,7 +36,7 @@ NUMBERS = (
     "worker_events_per_cpu_s_event_path",
     "backfill_eps",
 )
-QUANTILES = ("latency_ms", "latency_output_ms", "latency_transport_ms", "latency_faust_ms")
+QUANTILES = ("latency_ms", "latency_output_ms", "latency_generator_ack_ms", "latency_transport_ms", "latency_faust_ms")
 RATIOS = (
     "product_vs_noop",
     "product_vs_quix",
