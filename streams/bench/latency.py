@@ -47,6 +47,9 @@ class Latencies(BenchRun):
             after = worker.samples()
         finally:
             stop_all([worker.proc])
+        rekeyed = metric_total(after, "interest_rekeyed_total")
+        if rekeyed:  # the generator partitions as Java does: a re-keyed event means it did not, and doubles the work
+            raise ServiceError(f"the latency run's worker re-keyed {rekeyed:.0f} events: check the load generator")
         redis_q, delta = window_quantiles_ms(before, after, "interest_latency_from_produce_seconds")
         stages = {
             stage: window_quantiles_ms(before, after, "interest_batch_stage_seconds", {"stage": stage})[0]

@@ -41,13 +41,13 @@ def paced_send(
     event's send time in ``sent_at`` and the seconds until the broker acknowledged it in ``acked``; flush; return the
     rate achieved. Raises ServiceError if any is not delivered.
 
-    A librdkafka producer (confluent-kafka; acks 1, linger PRODUCER_LINGER_MS), as many of our users' producers are.
-    The load generator shares the small box with the worker under test, so its CPU counts: at 19,000 events/s it
-    takes 18-22 % of a core where aiokafka's took 34-49 %, and with aiokafka's the worker fell behind in 4 latency
-    runs of 7 (docs/results.md, seventh pass). One request in flight and no Nagle delay keep its own send ->
-    acknowledgement tail shorter on the loaded box (p99 230-300 ms against 515-715 ms at librdkafka's defaults, two
-    runs each). An event's produce time (its record's CreateTime, set by ``produce()``) is taken when it is handed to
-    the producer, so the linger and that delay count in every latency the bench measures; ``acked`` shows them.
+    A librdkafka producer (confluent-kafka; acks 1, linger PRODUCER_LINGER_MS), as many of our users' producers are,
+    with Java's partitioner (librdkafka's own would put most events on a partition the worker re-keys them from). The
+    load generator shares the small box with the worker under test, so its CPU counts: at 19,000 events/s it takes
+    ~25 % of a core where aiokafka's ``send()`` took 34-49 % (docs/results.md, seventh pass). One request in flight
+    and no Nagle delay, so that its own requests wait as little as they can on the loaded broker. An event's produce
+    time (its record's CreateTime, set by ``produce()``) is taken when it is handed to the producer, so the linger and
+    its delivery count in every latency the bench measures; ``acked`` shows how much of it is the generator's.
     """
     import orjson
     from confluent_kafka import KafkaException, Producer
@@ -68,6 +68,7 @@ def paced_send(
             "bootstrap.servers": bootstrap,
             "linger.ms": PRODUCER_LINGER_MS,
             "acks": 1,
+            "partitioner": "murmur2_random",  # Java's: the worker re-keys events on any other partition
             "max.in.flight.requests.per.connection": 1,
             "socket.nagle.disable": True,
             "on_delivery": delivered,
