@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     """Consumer group session timeout; a dead worker's partitions move after about this long."""
     commit_interval_s: float = Field(1.0, gt=0)
     """How often processed offsets are committed."""
+    fetch_max_wait_ms: int = Field(100, ge=1, le=30_000)
+    """Longest the broker holds the worker consumer's fetch request waiting for data (Kafka's ``fetch.max.wait.ms``;
+    Faust's own 1,500 ms otherwise). aiokafka keeps one fetch in flight per broker and leaves out partitions whose
+    records are still buffered, so a fetch can ask only for empty partitions (the re-key topic's) while the input's
+    next records wait behind it for this long."""
 
     # --- Redis -------------------------------------------------------------------------------------------------
     redis_url: str = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"

@@ -47,7 +47,8 @@ def noop_worker(argv: list[str]) -> int:
         data_dir=a.result.parent,
     )
     sys.setswitchinterval(defaults.gil_switch_ms / 1000)  # as the worker
-    app = faust.App(a.group, **faust_options(defaults))  # the worker's Faust configuration
+    # the worker's Faust configuration, on Faust's own consumer (its 1,500 ms fetch wait too): Faust as shipped
+    app = faust.App(a.group, **faust_options(defaults))
     topic = app.topic(a.topic, key_serializer="raw", value_serializer="raw")
     state = {"n": 0, "batches": 0, "first": None, "first_batch": 0, "done": False}
 
@@ -99,13 +100,15 @@ def floor_consumer(argv: list[str]) -> int:
 
     from aiokafka import AIOKafkaConsumer
 
+    from streams.settings import Settings
+
     async def go() -> dict:
         c = AIOKafkaConsumer(
             a.topic,
             bootstrap_servers=a.bootstrap,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
-            fetch_max_wait_ms=1500,  # as the worker's consumer (Faust's)
+            fetch_max_wait_ms=Settings.model_fields["fetch_max_wait_ms"].default,  # as the worker's consumer
             max_poll_records=MAX_BATCH,
         )
         await c.start()

@@ -14,9 +14,16 @@ record, and Faust's own commit (its timer, a rebalance, the stop) commits it. Du
 waits for its streams to be empty before it commits (``Consumer.wait_empty``): here that also waits until the sink
 has finished every batch it was handed, so nothing handed over is committed unapplied or lost.
 
+The worker's aiokafka consumer also gets its own ``fetch_max_wait_ms`` (Faust hard-codes 1,500 ms): aiokafka keeps
+one fetch request in flight per broker and leaves out of it the partitions whose records are still buffered, so a
+request can ask only for partitions that have nothing (the re-key topic's), and the broker holds it for that long
+while the input's next records wait. At 1,500 ms a worker at half its maximum rate fell seconds behind in most runs
+(docs/results.md, seventh and eighth passes).
+
 What it hooks into (``Consumer.getmany``, ``_wait_next_records``, ``_new_offset``, ``wait_empty``, the aiokafka
-driver's ``Transport.Consumer``, ``App._new_transport``) is pinned with faust-streaming's version in pyproject.toml;
-``tests/streams/runtime/test_batches.py`` fails if an upgrade moves any of it.
+driver's ``Transport.Consumer``, ``Consumer._new_consumer_thread``, ``AIOKafkaConsumerThread._create_worker_consumer``,
+aiokafka's ``AIOKafkaConsumer._fetch_max_wait_ms``, ``App._new_transport``) is pinned with faust-streaming's and
+aiokafka's versions in pyproject.toml; ``tests/streams/runtime/test_batches.py`` fails if an upgrade moves any of it.
 """
 
 from __future__ import annotations
@@ -48,6 +55,18 @@ class RecordSink(Protocol):
         """Return once every record handed over is applied and acked (or the worker is abandoned)."""
 
 
+class WorkerConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread; the aiokafka consumer it creates waits at most the app's ``fetch_max_wait_ms``."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        wait_ms = getattr(self.app, "fetch_max_wait_ms", None)
+        if wait_ms is not None:
+            # read once, by AIOKafkaConsumer.start(), when it builds its fetcher; the consumer starts after this returns
+            consumer._fetch_max_wait_ms = int(wait_ms)
+        return consumer
+
+
 class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer; the records of ``batch_topics`` go to a sink per fetch and are acked per batch."""
 
@@ -58,6 +77,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self.batch_topics: frozenset[str] = getattr(self.app, "batch_topics", frozenset())
         self._batch_next: dict[TP, int] = {}  # per partition: the offset after its last applied record, to commit
         self._attached = asyncio.Event()
+
+    def _new_consumer_thread(self) -> WorkerConsumerThread:
+        return WorkerConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def attach(self, sink: RecordSink) -> None:
         """The agent's pipeline is there: records of the batch topics go to it from now on."""
@@ -155,10 +177,14 @@ class BatchTransport(faust_aiokafka.Transport):
 
 class BatchApp(faust.App):
     """A Faust app whose consumer is a :class:`BatchConsumer` (same broker URL, credentials and settings) that hands
-    the records of ``batch_topics`` to the sink its agent attaches."""
+    the records of ``batch_topics`` to the sink its agent attaches (none: every record goes Faust's way) and whose
+    fetch requests wait at most ``fetch_max_wait_ms`` (None: Faust's)."""
 
-    def __init__(self, *args: Any, batch_topics: frozenset[str], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, batch_topics: frozenset[str], fetch_max_wait_ms: int | None = None, **kwargs: Any
+    ) -> None:
         self.batch_topics = batch_topics
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:

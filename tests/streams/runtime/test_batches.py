@@ -3,16 +3,18 @@ handed to the pipeline, the default; Faust's per-event stream, ``INTEREST_BATCH_
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 
+import aiokafka
 import faust
 import pytest
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from export.runtime import StepSession
-from streams.runtime.batches import BatchApp, BatchConsumer, BatchTransport
+from streams.runtime.batches import BatchApp, BatchConsumer, BatchTransport, WorkerConsumerThread
 from streams.tools.verify import verify_events
 from tests.conftest import REPO
 from tests.harness import applied_events, ml_events, produce, start_worker, wait_for
@@ -21,6 +23,8 @@ from tests.harness import applied_events, ml_events, produce, start_worker, wait
 def test_faust_is_the_pinned_version() -> None:
     pin = re.search(r'"faust-streaming==([^"]+)"', (REPO / "pyproject.toml").read_text())
     assert pin and faust.__version__ == pin.group(1), "the batch path is checked against the pinned faust-streaming"
+    pin = re.search(r'"aiokafka==([^"]+)"', (REPO / "pyproject.toml").read_text())
+    assert pin and aiokafka.__version__ == pin.group(1), "the fetch wait is checked against the pinned aiokafka"
 
 
 def test_faust_still_has_what_the_batch_path_hooks_into() -> None:
@@ -45,11 +49,42 @@ def test_faust_still_has_what_the_batch_path_hooks_into() -> None:
     assert faust_aiokafka.Transport.Consumer is faust_aiokafka.Consumer
     assert "self.Consumer(" in inspect.getsource(faust.transport.base.Transport.create_consumer)
     assert issubclass(BatchTransport, faust_aiokafka.Transport) and BatchTransport.Consumer is BatchConsumer
+    # the worker consumer comes from the consumer thread's _create_worker_consumer, built by _new_consumer_thread,
+    # and aiokafka reads _fetch_max_wait_ms when it starts (test_the_fetch_wait_reaches_aiokafkas_fetcher runs it)
+    assert "AIOKafkaConsumerThread(self" in inspect.getsource(faust_aiokafka.Consumer._new_consumer_thread)
+    thread = faust_aiokafka.AIOKafkaConsumerThread
+    assert "self._create_worker_consumer(" in inspect.getsource(thread._create_consumer)
+    assert list(inspect.signature(thread._create_worker_consumer).parameters) == ["self", "transport"]
+    assert "self._fetch_max_wait_ms = fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.__init__)
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
 
 
 def test_the_batch_app_gets_a_batch_consumer(tmp_path) -> None:
     app = BatchApp("t", broker="kafka://127.0.0.1:1", batch_topics=frozenset({"a"}), datadir=str(tmp_path))
     assert isinstance(app.consumer, BatchConsumer) and app.consumer.batch_topics == {"a"}
+
+
+def test_the_fetch_wait_reaches_aiokafkas_fetcher(kafka_bootstrap, tmp_path) -> None:
+    """The worker consumer Faust starts asks the broker to hold a fetch for the app's fetch_max_wait_ms."""
+    app = BatchApp(
+        "t-fetch-wait",
+        broker=f"kafka://{kafka_bootstrap}",
+        batch_topics=frozenset(),
+        fetch_max_wait_ms=123,
+        datadir=str(tmp_path),
+    )
+
+    async def started_wait_ms() -> int:
+        thread = app.consumer._new_consumer_thread()
+        assert isinstance(thread, WorkerConsumerThread)
+        consumer = thread._create_worker_consumer(app.transport)
+        await consumer.start()
+        try:
+            return consumer._fetcher._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(started_wait_ms()) == 123
 
 
 def _run(names, kafka_bootstrap, redis_url, trained_model, tmp_path, rclient, settings_for, events, **env):
