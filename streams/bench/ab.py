@@ -6,6 +6,7 @@ first, so the broker's JIT is not charged to the first variant). Only ratios wit
     python -m streams.bench ab backfill '[{"tag": "one"}, {"tag": "two"}]'
     python -m streams.bench ab product '[{"tag": "a"}]' --users 1000000      # the users-scale stream (run.py's u1m)
     python -m streams.bench ab product '[{"tag": "a"}]' --profile             # py-spy each variant's worker
+    python -m streams.bench ab latency '[{"tag": "a"}]' --rate 5000 --profile # ... over the paced window
 
 Each variant is a tag and INTEREST_* overrides for the worker (or the backfill); prints a line per variant and writes
 ``ab.json`` in --out. ``--loops N`` runs N passes of ML-100K a variant (product: 2, 200,000 events): effects under the
@@ -35,12 +36,12 @@ def ab(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-ab"))
     ap.add_argument("--loops", type=int, help="passes over ML-100K a run (product 2, backfill 10)")
     ap.add_argument("--users", type=int, help="product: the users-scale stream, ids hashed into this many users")
-    ap.add_argument("--profile", action="store_true", help="product: py-spy each variant's worker (profile-TAG.txt)")
+    ap.add_argument("--profile", action="store_true", help="py-spy each variant's worker (profile-TAG.txt)")
     a = ap.parse_args(argv)
     if a.users is not None and a.job != "product":
         ap.error("--users applies to the product job only")
-    if a.profile and a.job != "product":
-        ap.error("--profile applies to the product job only")
+    if a.profile and a.job == "backfill":
+        ap.error("--profile applies to the product and latency jobs")
     out = a.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     ds = load_dataset("movielens-100k", ML100K)
@@ -62,17 +63,17 @@ def ab(argv: list[str]) -> int:
         for v in [{"tag": "warm-up"}, *a.variants]:
             env = dict(v)
             tag = env.pop("tag")
+            prof = out / f"profile-{tag}.txt" if a.profile and tag != "warm-up" else None
             if a.job == "product":
-                prof = out / f"profile-{tag}.txt" if a.profile and tag != "warm-up" else None
                 r = bench.product(bench.names(tag[:8], topic) | env, total, 1, f"ab-{tag}", prof)
-                if prof is not None and prof.exists():
-                    r["profile"] = summarize_profile(prof)
             elif a.job == "latency":
-                r = bench.latency(ds, a.rate, bench.plan.latency_seconds, bench.plan.latency_warmup, tag, **env)
+                r = bench.latency(ds, a.rate, bench.plan.latency_seconds, bench.plan.latency_warmup, tag, prof, **env)
             else:
                 name = f"backfill-{tag}"
                 r = bench.run_backfill(bench.names(tag[:8], topic) | env, out / f"{name}.json", name)
                 log(f"backfill {tag}: {r['eps']:,.0f} ev/s")
+            if prof is not None and prof.exists():
+                r["profile"] = summarize_profile(prof)
             results[tag] = r
             shown = ("eps", "redis_ms", "generator_ack_ms", "stages_ms", "cpu_pct")
             print(tag, json.dumps({k: r[k] for k in shown if k in r}), flush=True)

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from models.errors import ServiceError
 from streams.bench.common import log, stop_all, wait_for
 from streams.bench.cpu import CpuUse
 from streams.bench.harness import BenchRun
 from streams.bench.histograms import quantiles_ms, window_quantiles_ms
+from streams.bench.profile import start_py_spy, stop_py_spy
 from streams.bench.workloads import looped_events, paced_send
 from streams.local.services import metric_total
 
 
 class Latencies(BenchRun):
     # ---- 4: latency ------------------------------------------------------------------------------------------------
-    def latency(self, ds, rate: float, seconds: float, warmup: int, tag: str = "lat", **worker_env: str) -> dict:
+    def latency(
+        self,
+        ds,
+        rate: float,
+        seconds: float,
+        warmup: int,
+        tag: str = "lat",
+        profile: Path | None = None,
+        **worker_env: str,
+    ) -> dict:
         import orjson
         from kafka import KafkaConsumer
 
@@ -33,6 +45,7 @@ class Latencies(BenchRun):
         worker = self.start_worker(env, f"latency-{tag}")
         topic = settings.input_topic
         sent_at: dict[str, float] = {}
+        spy: subprocess.Popen | None = None
         acked: list[float] = []  # send -> the broker's acknowledgement, seconds: the load generator's own delay
         try:
             self.wait_ready([worker])
@@ -41,11 +54,14 @@ class Latencies(BenchRun):
             applied = lambda: metric_total(worker.samples(), "interest_events_applied_total")  # noqa: E731
             wait_for(lambda: applied() >= warmup, 120, "the latency warm-up")
             before = worker.samples()
+            if profile is not None:  # the paced window only: the warm-up's burst is another workload
+                spy = start_py_spy(worker.proc.pid, profile, self.logs / f"latency-{tag}-py-spy.log")
             with CpuUse([worker.proc.pid], self.service_pids) as cpu:
                 offered = paced_send(self.bootstrap, topic, itertools.islice(events, n), rate, sent_at, acked)
                 wait_for(lambda: applied() >= warmup + n, 120 + n / 1000, "the latency run")
             after = worker.samples()
         finally:
+            stop_py_spy(spy)
             stop_all([worker.proc])
         rekeyed = metric_total(after, "interest_rekeyed_total")
         if rekeyed:  # the generator partitions as Java does: a re-keyed event means it did not, and doubles the work

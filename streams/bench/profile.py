@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -42,6 +44,16 @@ def start_py_spy(pid: int, out: Path, log_path: Path) -> subprocess.Popen | None
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+
+
+def stop_py_spy(spy: subprocess.Popen | None) -> None:
+    """SIGINT makes py-spy write its profile; wait for it."""
+    if spy is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        spy.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        spy.wait(timeout=30)
 
 
 def summarize_profile(path: Path, top: int = 15) -> dict:

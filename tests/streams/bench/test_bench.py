@@ -95,7 +95,7 @@ def test_quick_bench_writes_complete_results(tmp_path, data_dir, trained_model):
     ("args", "message"),
     [
         (["latency", "[]", "--users", "1000"], "--users applies to the product job only"),
-        (["backfill", "[]", "--profile"], "--profile applies to the product job only"),
+        (["backfill", "[]", "--profile"], "--profile applies to the product and latency jobs"),
     ],
 )
 def test_ab_rejects_options_of_another_job(args, message):
@@ -105,3 +105,18 @@ def test_ab_rejects_options_of_another_job(args, message):
     )
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_a_run_applied_whole_before_the_first_scrape_is_still_timed():
+    """The quick bench's 20,000-event users run on a fast machine was applied between two scrapes: timing it from the
+    first scrape that saw events left 0 events in 0 s, and the bench reported 0 events/s."""
+    from streams.bench.product import run_rate
+
+    eps, seconds, from_zero = run_rate(200_000, 2_000, t_zero=10.0, t_first=10.5, t_last=15.5)
+    assert (eps, seconds, from_zero) == (198_000 / 5.0, 5.0, False)  # start-up and the first fetch not charged
+
+    eps, seconds, from_zero = run_rate(20_000, 20_000, t_zero=10.0, t_first=10.4, t_last=10.4)
+    assert from_zero and seconds == pytest.approx(0.4) and eps == pytest.approx(50_000)
+
+    eps, _, from_zero = run_rate(20_000, 15_000, t_zero=10.0, t_first=10.3, t_last=10.4)
+    assert from_zero and eps == pytest.approx(50_000)  # 5,000 events in 0.1 s would be a fetch, not a rate
