@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     Faust's own 1,500 ms otherwise). aiokafka keeps one fetch in flight per broker and leaves out partitions whose
     records are still buffered, so a fetch can ask only for empty partitions (the re-key topic's) while the input's
     next records wait behind it for this long."""
+    fetch_min_bytes: int = Field(1, ge=1, le=64 * 2**20)
+    """Data the broker waits for, up to ``fetch_max_wait_ms``, before it answers the worker consumer's fetch (Kafka's
+    ``fetch.min.bytes``). 1 answers as soon as any record is there: the lowest latency, and the most fetch requests
+    at low rates."""
 
     # --- Redis -------------------------------------------------------------------------------------------------
     redis_url: str = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"

@@ -108,7 +108,9 @@ def floor_consumer(argv: list[str]) -> int:
             bootstrap_servers=a.bootstrap,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
-            fetch_max_wait_ms=Settings.model_fields["fetch_max_wait_ms"].default,  # as the worker's consumer
+            # as the worker's consumer
+            fetch_max_wait_ms=Settings.model_fields["fetch_max_wait_ms"].default,
+            fetch_min_bytes=Settings.model_fields["fetch_min_bytes"].default,
             max_poll_records=MAX_BATCH,
         )
         await c.start()

@@ -255,6 +255,7 @@ def make_app(settings: Settings, processor: BatchStep, metrics: Metrics) -> faus
         settings.app_id,
         batch_topics=topics if settings.batch_path else frozenset(),
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        fetch_min_bytes=settings.fetch_min_bytes,
         **faust_options(settings),
     )
     rt = Runtime(settings, processor, metrics, app)

@@ -22,8 +22,9 @@ while the input's next records wait. At 1,500 ms a worker at half its maximum ra
 
 What it hooks into (``Consumer.getmany``, ``_wait_next_records``, ``_new_offset``, ``wait_empty``, the aiokafka
 driver's ``Transport.Consumer``, ``Consumer._new_consumer_thread``, ``AIOKafkaConsumerThread._create_worker_consumer``,
-aiokafka's ``AIOKafkaConsumer._fetch_max_wait_ms``, ``App._new_transport``) is pinned with faust-streaming's and
-aiokafka's versions in pyproject.toml; ``tests/streams/runtime/test_batches.py`` fails if an upgrade moves any of it.
+aiokafka's ``AIOKafkaConsumer._fetch_max_wait_ms`` and ``_fetch_min_bytes``, ``App._new_transport``) is pinned with
+faust-streaming's and aiokafka's versions in pyproject.toml; ``tests/streams/runtime/test_batches.py`` fails if an
+upgrade moves any of it.
 """
 
 from __future__ import annotations
@@ -56,14 +57,18 @@ class RecordSink(Protocol):
 
 
 class WorkerConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread; the aiokafka consumer it creates waits at most the app's ``fetch_max_wait_ms``."""
+    """Faust's consumer thread; the aiokafka consumer it creates has the app's ``fetch_max_wait_ms`` and
+    ``fetch_min_bytes`` (Faust sets neither: 1,500 ms and aiokafka's 1 byte)."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
+        # read once, by AIOKafkaConsumer.start(), when it builds its fetcher; the consumer starts after this returns
         wait_ms = getattr(self.app, "fetch_max_wait_ms", None)
         if wait_ms is not None:
-            # read once, by AIOKafkaConsumer.start(), when it builds its fetcher; the consumer starts after this returns
             consumer._fetch_max_wait_ms = int(wait_ms)
+        min_bytes = getattr(self.app, "fetch_min_bytes", None)
+        if min_bytes is not None:
+            consumer._fetch_min_bytes = int(min_bytes)
         return consumer
 
 
@@ -178,13 +183,19 @@ class BatchTransport(faust_aiokafka.Transport):
 class BatchApp(faust.App):
     """A Faust app whose consumer is a :class:`BatchConsumer` (same broker URL, credentials and settings) that hands
     the records of ``batch_topics`` to the sink its agent attaches (none: every record goes Faust's way) and whose
-    fetch requests wait at most ``fetch_max_wait_ms`` (None: Faust's)."""
+    fetch requests wait at most ``fetch_max_wait_ms`` for ``fetch_min_bytes`` (None: Faust's and aiokafka's)."""
 
     def __init__(
-        self, *args: Any, batch_topics: frozenset[str], fetch_max_wait_ms: int | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        batch_topics: frozenset[str],
+        fetch_max_wait_ms: int | None = None,
+        fetch_min_bytes: int | None = None,
+        **kwargs: Any,
     ) -> None:
         self.batch_topics = batch_topics
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.fetch_min_bytes = fetch_min_bytes
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:

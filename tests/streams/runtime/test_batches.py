@@ -50,13 +50,16 @@ def test_faust_still_has_what_the_batch_path_hooks_into() -> None:
     assert "self.Consumer(" in inspect.getsource(faust.transport.base.Transport.create_consumer)
     assert issubclass(BatchTransport, faust_aiokafka.Transport) and BatchTransport.Consumer is BatchConsumer
     # the worker consumer comes from the consumer thread's _create_worker_consumer, built by _new_consumer_thread,
-    # and aiokafka reads _fetch_max_wait_ms when it starts (test_the_fetch_wait_reaches_aiokafkas_fetcher runs it)
+    # and aiokafka reads _fetch_max_wait_ms and _fetch_min_bytes when it starts
+    # (test_the_fetch_settings_reach_aiokafkas_fetcher runs it)
     assert "AIOKafkaConsumerThread(self" in inspect.getsource(faust_aiokafka.Consumer._new_consumer_thread)
     thread = faust_aiokafka.AIOKafkaConsumerThread
     assert "self._create_worker_consumer(" in inspect.getsource(thread._create_consumer)
     assert list(inspect.signature(thread._create_worker_consumer).parameters) == ["self", "transport"]
     assert "self._fetch_max_wait_ms = fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.__init__)
     assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+    assert "self._fetch_min_bytes = fetch_min_bytes" in inspect.getsource(aiokafka.AIOKafkaConsumer.__init__)
+    assert "fetch_min_bytes=self._fetch_min_bytes" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
 
 
 def test_the_batch_app_gets_a_batch_consumer(tmp_path) -> None:
@@ -64,27 +67,29 @@ def test_the_batch_app_gets_a_batch_consumer(tmp_path) -> None:
     assert isinstance(app.consumer, BatchConsumer) and app.consumer.batch_topics == {"a"}
 
 
-def test_the_fetch_wait_reaches_aiokafkas_fetcher(kafka_bootstrap, tmp_path) -> None:
-    """The worker consumer Faust starts asks the broker to hold a fetch for the app's fetch_max_wait_ms."""
+def test_the_fetch_settings_reach_aiokafkas_fetcher(kafka_bootstrap, tmp_path) -> None:
+    """The worker consumer Faust starts asks the broker to hold a fetch for the app's fetch_max_wait_ms, until it
+    has fetch_min_bytes."""
     app = BatchApp(
         "t-fetch-wait",
         broker=f"kafka://{kafka_bootstrap}",
         batch_topics=frozenset(),
         fetch_max_wait_ms=123,
+        fetch_min_bytes=4567,
         datadir=str(tmp_path),
     )
 
-    async def started_wait_ms() -> int:
+    async def started() -> tuple[int, int]:
         thread = app.consumer._new_consumer_thread()
         assert isinstance(thread, WorkerConsumerThread)
         consumer = thread._create_worker_consumer(app.transport)
         await consumer.start()
         try:
-            return consumer._fetcher._fetch_max_wait_ms
+            return consumer._fetcher._fetch_max_wait_ms, consumer._fetcher._fetch_min_bytes
         finally:
             await consumer.stop()
 
-    assert asyncio.run(started_wait_ms()) == 123
+    assert asyncio.run(started()) == (123, 4567)
 
 
 def _run(names, kafka_bootstrap, redis_url, trained_model, tmp_path, rclient, settings_for, events, **env):
