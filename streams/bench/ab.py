@@ -4,6 +4,7 @@ first, so the broker's JIT is not charged to the first variant). Only ratios wit
     python -m streams.bench ab product '[{"tag": "b2k", "INTEREST_MAX_BATCH": "2000"}, {"tag": "b5k"}]'
     python -m streams.bench ab latency '[{"tag": "b2k", "INTEREST_MAX_BATCH": "2000"}, {"tag": "b5k"}]' --rate 19000
     python -m streams.bench ab backfill '[{"tag": "one"}, {"tag": "two"}]'
+    python -m streams.bench ab idle '[{"tag": "a"}, {"tag": "b", "INTEREST_FETCH_MAX_WAIT_MS": "500"}]'  # no events
     python -m streams.bench ab product '[{"tag": "a"}]' --users 1000000      # the users-scale stream (run.py's u1m)
     python -m streams.bench ab product '[{"tag": "a"}]' --profile             # py-spy each variant's worker
     python -m streams.bench ab latency '[{"tag": "a"}]' --rate 5000 --profile # ... over the paced window
@@ -30,7 +31,7 @@ def ab(argv: list[str]) -> int:
     from streams.local.services import free_port, start_broker, start_redis
 
     ap = argparse.ArgumentParser(prog="python -m streams.bench ab", description=__doc__.splitlines()[0])
-    ap.add_argument("job", choices=("product", "latency", "backfill"))
+    ap.add_argument("job", choices=("product", "latency", "backfill", "idle"))
     ap.add_argument("variants", type=json.loads, help='JSON list of {"tag": ..., "INTEREST_...": ...}')
     ap.add_argument("--rate", type=float, default=14_000.0, help="events/s offered (latency)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench-ab"))
@@ -40,7 +41,7 @@ def ab(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     if a.users is not None and a.job != "product":
         ap.error("--users applies to the product job only")
-    if a.profile and a.job == "backfill":
+    if a.profile and a.job not in ("product", "latency"):
         ap.error("--profile applies to the product and latency jobs")
     out = a.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def ab(argv: list[str]) -> int:
         total = loops * len(ds.events)
         if a.job == "product" and a.users:
             bench.prefill(src, scale_events(ds, total, a.users), total)
-        elif a.job != "latency":
+        elif a.job in ("product", "backfill"):
             bench.prefill(src, looped_events(ds, loops=loops), total)
         for v in [{"tag": "warm-up"}, *a.variants]:
             env = dict(v)
@@ -68,6 +69,8 @@ def ab(argv: list[str]) -> int:
                 r = bench.product(bench.names(tag[:8], topic) | env, total, 1, f"ab-{tag}", prof)
             elif a.job == "latency":
                 r = bench.latency(ds, a.rate, bench.plan.latency_seconds, bench.plan.latency_warmup, tag, prof, **env)
+            elif a.job == "idle":
+                r = bench.idle(bench.names(tag[:8]) | env, bench.plan.latency_seconds, f"ab-idle-{tag}")
             else:
                 name = f"backfill-{tag}"
                 r = bench.run_backfill(bench.names(tag[:8], topic) | env, out / f"{name}.json", name)

@@ -121,6 +121,21 @@ class Latencies(BenchRun):
         log("  per batch: " + ", ".join(f"{k} p50 {v['p50']} p99 {v['p99']} ms" for k, v in stages.items()))
         return result
 
+    def idle(self, env: dict[str, str], seconds: float, name: str) -> dict:
+        """A worker that owns its partitions and gets no events: its fetch loop's cost alone, over ``seconds``
+        (the worker, the broker, in % of one core), and the fetch requests that cost (the broker's count)."""
+        worker = self.start_worker(env, name)
+        try:
+            self.wait_ready([worker])
+            owned = lambda: metric_total(worker.samples(), "interest_partitions_assigned")  # noqa: E731
+            wait_for(lambda: owned() > 0, 120, f"{name}: partitions assigned")
+            with CpuUse([worker.proc.pid], self.service_pids) as cpu:
+                time.sleep(seconds)  # the window measured: nothing is waited for
+        finally:
+            stop_all([worker.proc])
+        log(f"{name}: idle for {seconds:.0f}s: CPU {cpu.result}")
+        return {"seconds": seconds, "cpu_pct": cpu.result}
+
     def latency_floor(self, ds, rate: float, seconds: float, warmup: int) -> dict:
         """The transport alone at the latency run's rate: a bare aiokafka consumer in its own process
         (``floor-consumer``: the worker's fetch settings, no group); produce -> consumed."""
