@@ -123,7 +123,7 @@ class Latencies(BenchRun):
 
     def idle(self, env: dict[str, str], seconds: float, name: str) -> dict:
         """A worker that owns its partitions and gets no events: its fetch loop's cost alone, over ``seconds``
-        (the worker, the broker, in % of one core), and the fetch requests that cost (the broker's count)."""
+        (the worker, its step process, the broker and Redis, in % of one core)."""
         worker = self.start_worker(env, name)
         try:
             self.wait_ready([worker])
