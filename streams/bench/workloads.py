@@ -44,7 +44,7 @@ def paced_send(
     A librdkafka producer (confluent-kafka; acks 1, linger PRODUCER_LINGER_MS), as many of our users' producers are,
     with Java's partitioner (librdkafka's own would put most events on a partition the worker re-keys them from). The
     load generator shares the small box with the worker under test, so its CPU counts: at 19,000 events/s it takes
-    ~25 % of a core where aiokafka's ``send()`` took 38-49 % (docs/results.md, seventh pass). One request in flight
+    ~25 % of a core where aiokafka's ``send()`` took 38-49 % (docs/experiments.md, seventh pass). One request in flight
     and no Nagle delay, so that its own requests wait as little as they can on the loaded broker. An event's produce
     time (its record's CreateTime, set by ``produce()``) is taken when it is handed to the producer, so the linger and
     its delivery count in every latency the bench measures; ``acked`` shows how much of it is the generator's.

@@ -18,7 +18,7 @@ The worker's aiokafka consumer also gets its own ``fetch_max_wait_ms`` (Faust ha
 one fetch request in flight per broker and leaves out of it the partitions whose records are still buffered, so a
 request can ask only for partitions that have nothing (the re-key topic's), and the broker holds it for that long
 while the input's next records wait. At 1,500 ms a worker at half its maximum rate fell seconds behind in most runs
-(docs/results.md, seventh and eighth passes).
+(docs/experiments.md, seventh and eighth passes).
 
 What it hooks into (``Consumer.getmany``, ``_wait_next_records``, ``_new_offset``, ``wait_empty``, the aiokafka
 driver's ``Transport.Consumer``, ``Consumer._new_consumer_thread``, ``AIOKafkaConsumerThread._create_worker_consumer``,
