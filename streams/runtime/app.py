@@ -35,6 +35,12 @@ from streams.settings import Settings
 
 log = logging.getLogger("streams.runtime.app")
 
+# Stepped batches that may wait for the write stage. With one, the step stage stopped handing batches to the step
+# process while it finished the one before, and the step process's own stages ran dry; two lifted one worker's rate
+# by 10-22 % in alternating A/Bs (docs/experiments.md, tenth pass), more did not add to it. Each batch is still acked
+# in order and only once in Redis: a deeper queue only holds more of them in flight.
+STEPPED_WAITING = 2
+
 
 def faust_options(settings: Settings) -> dict[str, Any]:
     """The Faust app's configuration from the settings (the bench's no-op agent runs with the same)."""
@@ -97,8 +103,8 @@ def _stage_ended(task: asyncio.Task) -> None:
 
 
 class BatchPipeline:
-    """Fetched records -> batches -> two stages, one batch in each: step (prepare, records handed to the producer),
-    then write (await their delivery, Redis, ack).
+    """Fetched records -> batches -> two stages: step (prepare, records handed to the producer), then write (await
+    their delivery, Redis, ack), with up to STEPPED_WAITING stepped batches queued between them.
 
     Records come in per partition, as fetched (:meth:`add_records`, the batch path: the consumer hands over whole
     fetches) or one by one as Faust events (:meth:`add`, the per-event path). Batches form naturally: the step stage
@@ -125,7 +131,7 @@ class BatchPipeline:
         self.full = asyncio.Event()  # chunks hold max_batch records
         self.room = asyncio.Event()  # chunks hold fewer than max_batch records
         self.room.set()
-        self.to_write: asyncio.Queue[tuple[list, list, BatchPlan, float]] = asyncio.Queue(maxsize=1)
+        self.to_write: asyncio.Queue[tuple[list, list, BatchPlan, float]] = asyncio.Queue(maxsize=STEPPED_WAITING)
         self.busy = 0  # batches taken and not yet written
         self.idle = asyncio.Event()
         self.idle.set()
