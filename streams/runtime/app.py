@@ -37,7 +37,7 @@ log = logging.getLogger("streams.runtime.app")
 
 # Stepped batches that may wait for the write stage. With one, the step stage stopped handing batches to the step
 # process while it finished the one before, and the step process's own stages ran dry; two lifted one worker's rate
-# by 10-22 % in alternating A/Bs (docs/experiments.md, tenth pass), more did not add to it. Each batch is still acked
+# by 13-22 % in alternating A/Bs (docs/experiments.md, tenth pass), more did not add to it. Each batch is still acked
 # in order and only once in Redis: a deeper queue only holds more of them in flight.
 STEPPED_WAITING = 2
 
