@@ -10,6 +10,10 @@ if len(sys.argv) > 1 and sys.argv[1] == "quix-noop":
     sys.exit(quix_noop(sys.argv[2:]))
 if len(sys.argv) > 1 and sys.argv[1] == "floor-consumer":
     sys.exit(floor_consumer(sys.argv[2:]))
+if len(sys.argv) > 1 and sys.argv[1] == "producers":
+    from streams.bench.producers import producers
+
+    sys.exit(producers(sys.argv[2:]))
 if len(sys.argv) > 1 and sys.argv[1] == "ab":
     from streams.bench.ab import ab
 
