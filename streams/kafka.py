@@ -129,11 +129,12 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return KafkaConnection.from_settings(settings).kafka_python()
 
 
-def output_producer(settings: Settings) -> Any:
+def output_producer(settings: Settings, **overrides: Any) -> Any:
     """An aiokafka producer (not started) for the worker's records (output, dead letters, re-keys): idempotent (acks
     from all in-sync replicas; a batch resent after a lost acknowledgement is not written twice, so a broker failover
     duplicates no output record and no re-keyed event), a 1 ms linger (a batch waits for delivery of its records) and
-    256 KiB record batches."""
+    256 KiB record batches. ``overrides`` are other AIOKafkaProducer options (the bench's producer probe varies
+    ``max_request_size``)."""
     from aiokafka import AIOKafkaProducer
 
     return AIOKafkaProducer(
@@ -144,6 +145,7 @@ def output_producer(settings: Settings) -> Any:
         max_batch_size=256 * 1024,
         compression_type=None if settings.output_compression == "none" else settings.output_compression,
         client_id=settings.app_id,
+        **overrides,
     )
 
 

@@ -18,29 +18,32 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from streams.settings import Settings
+
 PER_BATCH, PARTITIONS, RECORD_BYTES, USERS = 5000, 16, 580, 2000
 KEYS = [f"user{i}@0".encode() for i in range(USERS)]
 VALUE = b"x" * RECORD_BYTES
 
 
-def _topic(bootstrap: str, tag: str) -> str:
-    from kafka.admin import KafkaAdminClient, NewTopic
+def _topic(settings: Settings, tag: str) -> str:
+    from kafka.admin import NewTopic
 
+    from streams.kafka import admin
     from streams.local.services import wait_until
 
     name = f"probe-{tag}-{random.randrange(1 << 30)}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    client = admin(settings)
     try:
-        admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+        client.create_topics([NewTopic(name, PARTITIONS, 1)])
         wait_until(
             lambda: (
-                sum(p.get("leader_id", -1) >= 0 for p in admin.describe_topics([name])[0]["partitions"]) == PARTITIONS
+                sum(p.get("leader_id", -1) >= 0 for p in client.describe_topics([name])[0]["partitions"]) == PARTITIONS
             ),
             30,
             what=f"topic {name}",
         )
     finally:
-        admin.close()
+        client.close()
     return name
 
 
@@ -49,21 +52,12 @@ def _key(i: int) -> tuple[bytes, int]:
     return key, i % USERS % PARTITIONS
 
 
-async def _aiokafka(bootstrap: str, batches: int, max_request: int) -> tuple[float, float]:
-    """The worker's producer settings and its RecordBatches, up to two batches awaiting delivery."""
-    from aiokafka import AIOKafkaProducer
+async def _aiokafka(settings: Settings, batches: int, max_request: int) -> tuple[float, float]:
+    """The worker's producer (``output_producer``) and its RecordBatches, up to two batches awaiting delivery."""
+    from streams.kafka import RecordBatches, output_producer
 
-    from streams.kafka import RecordBatches
-
-    topic = _topic(bootstrap, "aiokafka")
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=1,
-        max_batch_size=256 * 1024,
-        max_request_size=max_request,
-    )
+    topic = _topic(settings, "aiokafka")
+    producer = output_producer(settings, max_request_size=max_request)
     await producer.start()
     try:
         # warm: metadata, connections and every partition's leader answering, before the timed records
@@ -84,13 +78,13 @@ async def _aiokafka(bootstrap: str, batches: int, max_request: int) -> tuple[flo
         await producer.stop()
 
 
-def _librdkafka(bootstrap: str, batches: int, extra: dict) -> tuple[float, float]:
+def _librdkafka(settings: Settings, batches: int, extra: dict) -> tuple[float, float]:
     """``produce()`` per record, a delivery callback on each batch's last one, up to two batches undelivered."""
     from confluent_kafka import Producer
 
-    topic = _topic(bootstrap, "librdkafka")
+    topic = _topic(settings, "librdkafka")
     conf = {
-        "bootstrap.servers": bootstrap,
+        "bootstrap.servers": settings.kafka_bootstrap,
         "enable.idempotence": True,
         "linger.ms": 1,
         "batch.size": 1 << 20,
@@ -143,14 +137,15 @@ def producers(argv: list[str]) -> int:
         port = free_port()
         service = start_broker(port, Path(tempfile.mkdtemp(prefix="producers-probe-")))
         bootstrap = service.address
+    settings = Settings(kafka_bootstrap=bootstrap)
     variants: list[tuple[str, Callable[[], tuple[float, float]]]] = [
-        ("aiokafka, 1 MiB requests (the worker)", lambda: asyncio.run(_aiokafka(bootstrap, a.batches, 1 << 20))),
-        ("aiokafka, 8 MiB requests", lambda: asyncio.run(_aiokafka(bootstrap, a.batches, 8 << 20))),
-        ("librdkafka, idempotent, 5 in flight", lambda: _librdkafka(bootstrap, a.batches, {})),
+        ("aiokafka, 1 MiB requests (the worker)", lambda: asyncio.run(_aiokafka(settings, a.batches, 1 << 20))),
+        ("aiokafka, 8 MiB requests", lambda: asyncio.run(_aiokafka(settings, a.batches, 8 << 20))),
+        ("librdkafka, idempotent, 5 in flight", lambda: _librdkafka(settings, a.batches, {})),
         (
-            "librdkafka, 1 in flight",
+            "librdkafka, not idempotent, 1 in flight",
             lambda: _librdkafka(
-                bootstrap,
+                settings,
                 a.batches,
                 {"enable.idempotence": False, "acks": "all", "max.in.flight.requests.per.connection": 1},
             ),
@@ -161,7 +156,7 @@ def producers(argv: list[str]) -> int:
         for r in range(a.rounds):
             for name, run in variants:
                 seconds, cpu = run()
-                print(f"round {r + 1}  {name:38s} {n / seconds:9,.0f} records/s  {n / cpu:9,.0f} per CPU-s", flush=True)
+                print(f"round {r + 1}  {name:40s} {n / seconds:9,.0f} records/s  {n / cpu:9,.0f} per CPU-s", flush=True)
     finally:
         if service is not None:
             service.stop()
